@@ -79,3 +79,9 @@ def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     assert "## Run the tests" in ci and "README.md" in ci  # CI extracts and runs the README's block
     assert _readme_test_command().startswith("python3 -m venv .venv")
+
+def test_list_methods_after_plain_import(tmp_path):
+    "`czsl_nb.list_methods()` names the built-in methods without importing their modules first."
+    r = _run([sys.executable, "-c", "import czsl_nb; print(','.join(czsl_nb.list_methods()))"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert {"clip", "csp"} <= set(r.stdout.strip().split(","))

@@ -1,0 +1,118 @@
+"""The engine end to end on the toy dataset with the tiny backbone: runs are written, never
+overwritten, resume without loss, run through papermill, and run in two processes."""
+import json, os, subprocess, sys, warnings
+from pathlib import Path
+import numpy as np, pytest
+import czsl_nb.all  # noqa: F401
+from czsl_nb.core import cache_dir
+from czsl_nb.backbone import tiny_backbone
+from czsl_nb.data import make_toy_dataset
+from czsl_nb.learner import Learner, TrainConfig, launch
+from czsl_nb.metrics import evaluate
+from conftest import REPO
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*marked NA")
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_toy_dataset(tmp_path_factory.mktemp("data") / "toy")
+
+@pytest.fixture(scope="module")
+def tiny_config():
+    tiny_backbone()
+    return cache_dir() / "configs" / "tiny-clip.json"
+
+def _cfg(toy, tiny_config, **kw):
+    return TrainConfig(**{"method": "csp", "dataset": str(toy), "backbone": str(tiny_config), "epochs": 3,
+                          "batch_size": 4, "lr": 1e-2, "seed": 0, **kw})
+
+def _strip(metrics):
+    return {k: v for k, v in metrics.items() if k != "git_commit"}
+
+def test_run_folder_contents_and_scores_file(toy, tiny_config, tmp_path):
+    m = launch(_cfg(toy, tiny_config, run="a", open_world=True), runs_root=tmp_path)
+    d = tmp_path / "a"
+    for name in ["params.yaml", "metrics.json", "history.json", "checkpoint_best.pt", "checkpoint_last.pt",
+                 "loss_curve.png", "curve_test_closed.png", "curve_test_open.png", "test_scores.npz"]:
+        assert (d / name).is_file(), name
+    assert set(m) >= {"val", "test", "epoch", "git_commit"} and set(m["test"]) >= {"closed", "open"}
+    assert 1 <= m["epoch"] <= 3 and len(json.loads((d / "history.json").read_text())) == 3
+    z = np.load(d / "test_scores.npz", allow_pickle=False)
+    assert z["scores"].dtype == np.float32 and z["pairs"].shape[1] == 2
+    again = evaluate(z["scores"], z["attr"], z["obj"], z["pairs"], z["seen_pairs"], z["eval_pairs"])
+    assert again["auc"] == pytest.approx(m["test"]["closed"]["auc"], abs=1e-12)
+
+def test_existing_run_is_never_overwritten(toy, tiny_config, tmp_path):
+    launch(_cfg(toy, tiny_config, run="b", epochs=1), runs_root=tmp_path)
+    before = (tmp_path / "b" / "metrics.json").read_bytes()
+    with pytest.raises(FileExistsError, match="finished run"):
+        launch(_cfg(toy, tiny_config, run="b", epochs=1), runs_root=tmp_path)
+    with pytest.raises(FileExistsError, match="finished run"):
+        launch(_cfg(toy, tiny_config, run="b", epochs=1, resume=True), runs_root=tmp_path)
+    assert (tmp_path / "b" / "metrics.json").read_bytes() == before
+
+def test_killed_run_resumes_and_loses_nothing(toy, tiny_config, tmp_path, monkeypatch):
+    straight = launch(_cfg(toy, tiny_config, run="straight"), runs_root=tmp_path)
+    original = Learner._train_epoch
+    def dies_in_epoch_3(self, model, opt, loader, epoch):
+        if epoch == 3: raise KeyboardInterrupt("killed")
+        return original(self, model, opt, loader, epoch)
+    monkeypatch.setattr(Learner, "_train_epoch", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        launch(_cfg(toy, tiny_config, run="killed"), runs_root=tmp_path)
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    with pytest.raises(FileExistsError, match="resume True"):
+        launch(_cfg(toy, tiny_config, run="killed"), runs_root=tmp_path)
+    with pytest.raises(ValueError, match="changed parameters"):
+        launch(_cfg(toy, tiny_config, run="killed", resume=True, lr=0.5), runs_root=tmp_path)
+    monkeypatch.setattr(Learner, "_train_epoch", original)
+    resumed = launch(_cfg(toy, tiny_config, run="killed", resume=True), runs_root=tmp_path)
+    assert _strip(resumed) == _strip(straight)
+    hist = lambda run: json.loads((tmp_path / run / "history.json").read_text())
+    assert hist("killed") == hist("straight")
+
+def test_two_cpu_processes_train_and_score_each_image_once(toy, tiny_config, tmp_path):
+    """gloo data parallelism: the toy test split has 3 images, so 2 ranks need a padded duplicate that must be dropped.
+    Run in a fresh interpreter, as from papermill: Accelerate refuses to launch where an Accelerator already exists."""
+    code = (f"import warnings; warnings.filterwarnings('ignore'); import czsl_nb.all; from pathlib import Path; "
+            f"from czsl_nb.learner import TrainConfig, launch; "
+            f"launch(TrainConfig(method='csp', dataset={str(toy)!r}, backbone={str(tiny_config)!r}, epochs=2, batch_size=4, "
+            f"lr=1e-2, run='ddp', num_processes=2), runs_root=Path({str(tmp_path)!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert len(json.loads((tmp_path / "ddp" / "history.json").read_text())) == 2
+    assert m["test"]["closed"]["n_images"] == 3 and m["val"]["n_images"] == 2
+    assert (tmp_path / "ddp" / "checkpoint_best.pt").exists()
+    assert np.load(tmp_path / "ddp" / "test_scores.npz")["scores"].shape[0] == 3
+
+def _papermill(args, runs, tmp_path):
+    env = {**os.environ, "CZSL_NB_RUNS": str(runs), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "papermill", str(REPO / "nbs" / "train.ipynb"), str(tmp_path / "out.ipynb"),
+                           "--cwd", str(tmp_path), *args], capture_output=True, text=True, env=env, timeout=600)
+
+def test_papermill_train(toy, tiny_config, tmp_path):
+    runs = tmp_path / "runs"
+    r = _papermill(["-p", "dataset", str(toy), "-p", "backbone", str(tiny_config), "-p", "epochs", "1",
+                    "-p", "batch_size", "4", "-p", "run", "pm", "-p", "attr_dropout", "0.1"], runs, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((runs / "pm" / "metrics.json").read_text())
+    assert m["method"] == "csp" and m["epoch"] == 1
+    import yaml
+    assert yaml.safe_load((runs / "pm" / "params.yaml").read_text())["method_params"]["attr_dropout"] == 0.1
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "method", "sam_typo"], "unknown method; valid: clip, csp"),
+    (["-p", "lr_rate", "0.1"], "unknown parameter(s) lr_rate"),
+    (["-p", "epochs", "-2"], "parameter epochs=-2: out of range"),
+])
+def test_papermill_rejects_bad_parameters_before_work(args, message, tmp_path):
+    r = _papermill(args, tmp_path / "runs", tmp_path)
+    assert r.returncode != 0 and message in (r.stdout + r.stderr)
+    assert not (tmp_path / "runs").exists()  # nothing was written
+
+@pytest.mark.parametrize("nb", ["train.ipynb", "eval.ipynb", "results.ipynb"])
+def test_entry_points_keep_parameters_tag(nb):
+    "Without the tag papermill silently runs the defaults (nbdev_clean strips it unless allowed)."
+    cells = json.loads((REPO / "nbs" / nb).read_text())["cells"]
+    assert sum("parameters" in c.get("metadata", {}).get("tags", []) for c in cells) == 1

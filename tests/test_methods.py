@@ -1,0 +1,69 @@
+"""Contracts every registered method must meet, checked on the tiny backbone (shapes, finite float32
+scores in both worlds, losses and gradients only where training should reach, checkpoints)."""
+import pytest, torch
+import czsl_nb.all  # noqa: F401  (registers every method)
+from czsl_nb import list_methods, get_method
+from czsl_nb.backbone import tiny_backbone
+from czsl_nb.methods import LabelSpace
+
+SPACE = LabelSpace(["red", "wet", "old"], ["ball", "dog"], [("red", "ball"), ("wet", "dog"), ("old", "ball"), ("red", "dog")])
+OPEN = SPACE.ids([(a, o) for a in SPACE.attrs for o in SPACE.objs])
+
+def _build(name, seed=0):
+    torch.manual_seed(seed)
+    return get_method(name)(tiny_backbone(), SPACE)
+
+def _batch(method, n=5):
+    images = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    pair = torch.arange(n) % len(SPACE.seen_pairs)
+    ids = SPACE.seen_ids[pair]
+    return {"image": images, "attr": ids[:, 0], "obj": ids[:, 1], "pair": pair}
+
+def test_baselines_registered():
+    assert {"clip", "csp"} <= set(list_methods())
+
+@pytest.mark.parametrize("name", list_methods())
+def test_scores_shape_and_dtype(name):
+    m = _build(name).eval()
+    feats = m.image_features(_batch(m)["image"])
+    for pairs in (SPACE.seen_ids, OPEN):
+        s = m.scores(feats, pairs)
+        assert s.shape == (5, len(pairs)) and s.dtype == torch.float32 and torch.isfinite(s).all()
+
+@pytest.mark.parametrize("name", list_methods())
+def test_unknown_hyperparameter_is_an_error(name):
+    with pytest.raises(ValueError, match="unknown hyper-parameter"):
+        get_method(name)(tiny_backbone(), SPACE, not_a_parameter=1)
+
+@pytest.mark.parametrize("name", [n for n in list_methods() if get_method(n).trainable])
+def test_loss_and_gradients(name):
+    m = _build(name).train()
+    terms = m(_batch(m))
+    assert terms and all(v.ndim == 0 and torch.isfinite(v) for v in terms.values())
+    sum(terms.values()).backward()
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad and with_grad <= trainable
+    grouped = [id(p) for g in m.param_groups(1e-3) for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in m.parameters() if p.requires_grad)  # each trainable param once
+
+@pytest.mark.parametrize("name", [n for n in list_methods() if get_method(n).trainable])
+def test_checkpoint_round_trip(name):
+    m = _build(name).train()
+    opt = torch.optim.SGD([p for g in m.param_groups(0.5) for p in g["params"]], lr=0.5)
+    sum(m(_batch(m)).values()).backward(); opt.step()
+    m.eval(); other = _build(name).eval()
+    feats = m.image_features(_batch(m)["image"])
+    assert not torch.allclose(other.scores(feats, OPEN), m.scores(feats, OPEN))
+    other.load_trainable_state_dict(m.trainable_state_dict())
+    assert torch.allclose(other.scores(feats, OPEN), m.scores(feats, OPEN), atol=1e-6)
+    assert not any(k.startswith("backbone.") and not v.requires_grad
+                   for k, v in m.named_parameters() if k in m.trainable_state_dict())
+
+@pytest.mark.parametrize("name", [n for n in list_methods() if get_method(n).cache_image_features])
+def test_cacheable_image_features_are_frozen(name):
+    "A method that lets the engine cache image features must not train anything in the image path."
+    m = _build(name).train()
+    images = _batch(m)["image"]
+    assert torch.equal(m.image_features(images), m.image_features(images))
+    assert not any(p.requires_grad for p in m.backbone.model.visual.parameters())
