@@ -85,3 +85,11 @@ def test_list_methods_after_plain_import(tmp_path):
     r = _run([sys.executable, "-c", "import czsl_nb; print(','.join(czsl_nb.list_methods()))"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert {"clip", "csp"} <= set(r.stdout.strip().split(","))
+
+def test_readme_main_job_names_a_fresh_run():
+    "The README's main job must not collide with a committed run (czsl-train refuses to overwrite one)."
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```bash\n(.+?)\n```", text.split("## Train and evaluate", 1)[1], re.S).group(1)
+    run = re.search(r"-p run (\S+)", block)
+    assert run, "the README's main job should name its run with -p run NAME"
+    assert not (REPO / "runs" / run.group(1)).exists()
