@@ -26,8 +26,8 @@ from .prompts import encode_prompts
 
 # %% auto #0
 __all__ = ['DEVICES', 'PRECISIONS', 'RUN_FILES', 'RESULT_KEYS', 'TrainConfig', 'git_commit', 'run_params', 'check_run_dir',
-           'prepare_run_dir', 'FeatureSplit', 'EpochShuffle', 'resolve_dataset', 'split_labels', 'Learner',
-           'split_parameters', 'launch', 'load_run', 'collect_runs', 'train_cli']
+           'prepare_run_dir', 'FeatureSplit', 'EpochShuffle', 'PartnerSplit', 'resolve_dataset', 'split_labels',
+           'Learner', 'split_parameters', 'launch', 'load_run', 'collect_runs', 'train_cli']
 
 # %% ../nbs/30_learner.ipynb #695ec289
 DEVICES = ("cpu", "cuda", "auto")  # auto: cuda when available
@@ -148,6 +148,31 @@ class EpochShuffle(torch.utils.data.Sampler):
         return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist())
     def __len__(self): return self.n
 
+class PartnerSplit(Dataset):
+    "Each item of `base` plus, per key in `keys`, a partner item sharing that label but not the other one."
+    def __init__(self, base: Dataset, attr: torch.Tensor, obj: torch.Tensor, keys: tuple[str, ...], seed: int):
+        unknown = set(keys) - {"attr", "obj"}
+        if unknown: raise ValueError(f"partner_samples={keys!r}: valid keys are 'attr' and 'obj'")
+        self.base, self.keys, self.seed, self.epoch = base, tuple(keys), seed, 0
+        labels = {"attr": attr.tolist(), "obj": obj.tolist()}
+        self.candidates = {}  # key -> per item, the indices sharing that label with a different other label
+        for key in self.keys:
+            same, other = labels[key], labels["obj" if key == "attr" else "attr"]
+            groups: dict[int, list[int]] = {}
+            for i, v in enumerate(same): groups.setdefault(v, []).append(i)
+            self.candidates[key] = [[j for j in groups[same[i]] if other[j] != other[i]] for i in range(len(same))]
+    def set_epoch(self, epoch: int) -> None: self.epoch = epoch
+    def __len__(self): return len(self.base)
+    def __getitem__(self, i):
+        item = self.base[i]
+        g = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1_000_003 + i)
+        for key in self.keys:
+            pool = self.candidates[key][i]
+            j = pool[int(torch.randint(len(pool), (1,), generator=g))] if pool else i
+            item[f"{key}_partner"] = self.base[j]
+            item[f"{key}_partner_mask"] = torch.tensor(1.0 if pool else 0.0)
+        return item
+
 def resolve_dataset(spec: str, **kwargs) -> CompositionData:
     "`synthetic` (the embedded world, generated on first use) or the root of a dataset in the standard layout."
     return CompositionData(synthetic_world() if spec == "synthetic" else spec, **kwargs)
@@ -210,10 +235,30 @@ class Learner:
     def _loader(self, split: str) -> DataLoader:
         train = split == "train"
         ds = self._cached_features(split) if self.method.cache_image_features else self._images(split, train)
-        if train: self.train_order = EpochShuffle(len(ds), self.cfg.seed)
-        return DataLoader(ds, batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size,
-                          sampler=self.train_order if train else None,
+        if train and self.method.partner_samples:
+            ds = PartnerSplit(ds, *self.data.labels(split), self.method.partner_samples, self.cfg.seed)
+        sampler = None
+        if train: sampler = self.train_order = EpochShuffle(len(ds), self.cfg.seed)
+        elif self.method.shuffled_evaluation: sampler = EpochShuffle(len(ds), self.cfg.seed)  # epoch 0: one fixed order
+        return DataLoader(ds, batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size, sampler=sampler,
                           num_workers=0 if self.method.cache_image_features else self.cfg.num_workers)
+
+    def split_outputs(self, split: str, fn=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        "[N, ...] `fn(image_features)` of every image of `split` in sample order (evaluation transform), and its labels."
+        method = self.acc.unwrap_model(self.method); method.eval()
+        fn = fn or (lambda features: features)
+        labels = split_labels(self.data, split, self.space.seen_pairs)
+        cached = self.loaders.get(split)
+        if cached is not None and isinstance(cached.dataset, FeatureSplit):
+            feats = cached.dataset.features
+            with torch.no_grad():
+                rows = [fn(feats[i:i + self.cfg.eval_batch_size].to(self.acc.device)).float().cpu()
+                        for i in range(0, len(feats), self.cfg.eval_batch_size)]
+            return torch.cat(rows), labels
+        if split not in self.eval_loaders:  # training images, but with the evaluation transform and in sample order
+            self.eval_loaders[split] = self.acc.prepare(DataLoader(self._images(split, train=False), batch_size=self.cfg.eval_batch_size,
+                                                                   num_workers=self.cfg.num_workers))
+        return self._in_split_order(split, self.eval_loaders[split], lambda b: fn(method.image_features(b["image"]))), labels
 
     # -- training -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -221,6 +266,7 @@ class Learner:
         cfg, acc = self.cfg, self.acc
         trainable = self.method.trainable and cfg.epochs > 0
         start, best = 0, {"epoch": 0, "auc": -1.0}
+        self.acc.unwrap_model(self.method).on_fit_start(self)
         if trainable:
             opt = torch.optim.Adam(self.method.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr)
             model, opt, train_loader = acc.prepare(self.method, opt, self.loaders["train"])
@@ -236,6 +282,8 @@ class Learner:
                 # on the prepared loader: Accelerate re-sets the sampler's epoch from its own iteration counter
                 # at every __iter__, and that counter restarts at 0 in a resumed run
                 train_loader.set_epoch(epoch)
+                if isinstance(self.loaders["train"].dataset, PartnerSplit): self.loaders["train"].dataset.set_epoch(epoch)
+                acc.unwrap_model(model).on_epoch_start(epoch, cfg.epochs)
                 losses = self._train_epoch(model, opt, train_loader, epoch)
                 val = self.evaluate("val")
                 self.history.append({"epoch": epoch, **losses, "val_auc": val["auc"], "val_best_hm": val["best_hm"]})
@@ -249,6 +297,9 @@ class Learner:
                 acc.wait_for_everyone()
             best_state = torch.load(self.run_dir / RUN_FILES["best"], map_location="cpu", weights_only=True)
             self.method.load_trainable_state_dict(best_state)
+        self.method.on_fit_end(self)
+        if trainable and acc.is_main_process:  # what on_fit_end built belongs to the selected model
+            torch.save(self.method.trainable_state_dict(), self.run_dir / RUN_FILES["best"])
         return self.test(best["epoch"])
 
     def _train_epoch(self, model, opt, loader, epoch: int) -> dict[str, float]:

@@ -42,6 +42,8 @@ class CZSLMethod(nn.Module):
     defaults: dict = {}
     cache_image_features: bool = False
     trainable: bool = True
+    partner_samples: tuple[str, ...] = ()  # "attr"/"obj": training batches also carry images sharing that label
+    shuffled_evaluation: bool = False  # score images in a fixed seeded random order (test-time updates)
 
     def __init__(self, backbone: CLIPBackbone, space: LabelSpace, **hparams):
         super().__init__()
@@ -62,10 +64,21 @@ class CZSLMethod(nn.Module):
         "[B, D] pooled CLIP image features (float32); override to return tokens or more."
         return self.backbone.encode_image(images)
 
+    def batch_features(self, batch: dict) -> torch.Tensor:
+        "The batch's cached `features`, or its `image`s encoded now (partner batches too)."
+        return batch["features"] if "features" in batch else self.image_features(batch["image"])
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         "The training loss terms; images are encoded here when the batch has no cached `features`."
         if "features" not in batch: batch = {**batch, "features": self.image_features(batch["image"])}
         return self.loss(batch)
+
+    def on_fit_start(self, learner) -> None:
+        "Before training (and before a resumed run restores its checkpoint): e.g. initialise memories from data."
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        "Before training epoch `epoch` (1-based) of `epochs`: e.g. switch training stages."
+    def on_fit_end(self, learner) -> None:
+        "After the best epoch is reloaded, before testing; buffers set here are saved with the best checkpoint."
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} is not trainable (trainable={self.trainable})")

@@ -4,6 +4,7 @@ import json, os, subprocess, sys, warnings
 from pathlib import Path
 import numpy as np, pytest
 import czsl_nb.all  # noqa: F401
+from czsl_nb import list_methods
 from czsl_nb.core import cache_dir
 from czsl_nb.backbone import tiny_backbone
 from czsl_nb.data import make_toy_dataset
@@ -102,7 +103,7 @@ def test_papermill_train(toy, tiny_config, tmp_path):
     assert yaml.safe_load((runs / "pm" / "params.yaml").read_text())["method_params"]["attr_dropout"] == 0.1
 
 @pytest.mark.parametrize("args, message", [
-    (["-p", "method", "sam_typo"], "unknown method; valid: clip, csp"),
+    (["-p", "method", "sam_typo"], "unknown method; valid: " + ", ".join(list_methods())),
     (["-p", "lr_rate", "0.1"], "unknown parameter(s) lr_rate"),
     (["-p", "epochs", "-2"], "parameter epochs=-2: out of range"),
 ])

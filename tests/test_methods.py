@@ -14,10 +14,17 @@ def _build(name, seed=0):
     return get_method(name)(tiny_backbone(), SPACE)
 
 def _batch(method, n=5):
+    "A training batch of `n` random images; with the partner batches the engine adds when the method asks for them."
     images = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     pair = torch.arange(n) % len(SPACE.seen_pairs)
     ids = SPACE.seen_ids[pair]
-    return {"image": images, "attr": ids[:, 0], "obj": ids[:, 1], "pair": pair}
+    batch = {"image": images, "attr": ids[:, 0], "obj": ids[:, 1], "pair": pair, "index": torch.arange(n)}
+    for key in method.partner_samples:
+        same, other = (0, 1) if key == "attr" else (1, 0)
+        partner = [next((j for j in range(n) if ids[j, same] == ids[i, same] and ids[j, other] != ids[i, other]), i) for i in range(n)]
+        batch[f"{key}_partner"] = {k: v[partner] for k, v in batch.items() if not k.endswith("partner")}
+        batch[f"{key}_partner_mask"] = torch.tensor([float(j != i) for i, j in enumerate(partner)])
+    return batch
 
 def test_baselines_registered():
     assert {"clip", "csp"} <= set(list_methods())
