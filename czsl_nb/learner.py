@@ -27,7 +27,8 @@ from .prompts import encode_prompts
 # %% auto #0
 __all__ = ['DEVICES', 'PRECISIONS', 'RUN_FILES', 'RESULT_KEYS', 'TrainConfig', 'git_commit', 'run_params', 'check_run_dir',
            'prepare_run_dir', 'FeatureSplit', 'EpochShuffle', 'PartnerSplit', 'resolve_dataset', 'split_labels',
-           'Learner', 'split_parameters', 'launch', 'load_run', 'collect_runs', 'train_cli']
+           'Learner', 'split_parameters', 'launch', 'load_run', 'run_variant', 'collect_runs', 'summarize_runs',
+           'train_cli']
 
 # %% ../nbs/30_learner.ipynb #695ec289
 DEVICES = ("cpu", "cuda", "auto")  # auto: cuda when available
@@ -435,6 +436,12 @@ def load_run(run: str | Path, checkpoint: str = "best", **overrides) -> Learner:
 # %% ../nbs/30_learner.ipynb #2c44e7a3
 RESULT_KEYS = ("auc", "best_hm", "best_seen", "best_unseen", "attr_acc", "obj_acc")
 
+def run_variant(run: str, method: str | None, dataset: str = "") -> str:
+    "What a run name says beyond its method and seed: `eva-full-s2` -> `full`; the default name `<method>-<dataset>-s<seed>` -> `default`."
+    rest = re.sub(r"-s\d+$", "", run)
+    if method and rest.startswith(f"{method}-"): rest = rest[len(method) + 1:]
+    return "default" if rest in (dataset, Path(dataset).name, "") else rest
+
 def collect_runs(root: str | Path | None = None) -> "pd.DataFrame":
     "One row per finished run and test world in `root` (default runs/), with metrics in percent."
     import pandas as pd
@@ -444,11 +451,23 @@ def collect_runs(root: str | Path | None = None) -> "pd.DataFrame":
         params = yaml.safe_load((path.parent / RUN_FILES["params"]).read_text()) if (path.parent / RUN_FILES["params"]).exists() else {}
         dataset = m.get("dataset", "")
         for world, res in m["test"].items():
-            rows.append({"run": path.parent.name, "method": m.get("method"), "dataset": Path(dataset).name or dataset,
+            rows.append({"run": path.parent.name, "method": m.get("method"), "variant": run_variant(path.parent.name, m.get("method"), dataset),
+                         "dataset": Path(dataset).name or dataset,
                          "backbone": m.get("backbone"), "seed": m.get("seed"), "world": world, "epoch": m.get("epoch"),
                          "epochs": params.get("epochs"), "lr": params.get("lr"), "commit": m.get("git_commit"),
                          "val_auc": 100 * m["val"]["auc"], **{k: 100 * res[k] for k in RESULT_KEYS}})
     return pd.DataFrame(rows)
+
+def summarize_runs(table: "pd.DataFrame", keys=("auc", "best_hm", "attr_acc", "obj_acc"),
+                   by=("method", "variant", "world")) -> "pd.DataFrame":
+    "`mean ± std` over seeds of each metric in `keys`, one row per group in `by`, with the number of seeds."
+    import pandas as pd
+    groups = table.groupby(list(by), sort=False)
+    out = pd.DataFrame({k: groups[k].mean().round(2).astype(str) + " ± " + groups[k].std(ddof=1).fillna(0).round(2).astype(str)
+                        for k in keys})
+    out["seeds"] = groups.seed.nunique()
+    return out.reset_index()
+
 
 # %% ../nbs/30_learner.ipynb #ec29a78a
 def _papermill_value(text: str):

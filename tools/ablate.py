@@ -1,0 +1,85 @@
+"""Run a method's ablation grid (variants x seeds) through the engine and print its table.
+
+    python tools/ablate.py --method eva --seeds 0 1 2 --set epochs=5 --set lr=5e-4 \\
+        --variant full --variant experts_only:use_variants=False --variant baseline:use_experts=False,use_variants=False
+
+Each variant x seed is the run `runs/<method>-<variant>-s<seed>` (parameters recorded in its params.yaml,
+as for any run). Finished runs are skipped and killed ones resumed, so re-running the same command
+completes a grid. `--table` only prints the table of the runs that exist. Values are parsed like
+papermill's `-p` (numbers, True/False, strings). `--threads 1` keeps a sweep from crowding a shared machine.
+"""
+import argparse, os, re, time
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+import torch
+import czsl_nb.all  # noqa: F401  (registers every method)
+from czsl_nb.core import runs_dir
+from czsl_nb.learner import (RUN_FILES, TrainConfig, _papermill_value, collect_runs, launch, split_parameters,
+                             summarize_runs)
+
+def parse_assignments(text: str, what: str) -> dict:
+    "`k=v,k=v` -> {k: parsed v}; an entry without `=` is an error naming `what`."
+    out = {}
+    for item in filter(None, text.split(",")):
+        if "=" not in item: raise SystemExit(f"{what}: {item!r} is not NAME=VALUE")
+        k, v = item.split("=", 1); out[k.strip()] = _papermill_value(v.strip())
+    return out
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    name, _, assignments = spec.partition(":")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=]*", name):
+        raise SystemExit(f"--variant {spec!r}: the name may hold letters, digits and _ . + = (no '-', it separates the seed)")
+    return name, parse_assignments(assignments, f"--variant {name}")
+
+def markdown_table(df) -> str:
+    cols = list(df.columns)
+    rows = [[str(v) for v in r] for r in df.itertuples(index=False)]
+    return "\n".join(["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)] + ["| " + " | ".join(r) + " |" for r in rows])
+
+def print_table(method: str, variants: list[str]) -> None:
+    table = collect_runs()
+    table = table[(table.method == method) & table.run.str.match(rf"^{re.escape(method)}-.+-s\d+$")]
+    if variants: table = table[table.variant.isin(variants)]
+    if table.empty: print("no finished runs"); return
+    summary = summarize_runs(table)
+    if variants: summary = summary.sort_values("variant", key=lambda s: s.map(variants.index), kind="stable")
+    for world in summary.world.unique():
+        print(f"\n{method}, test split, {world} world (%, mean ± std over seeds)\n")
+        print(markdown_table(summary[summary.world == world].drop(columns=["method", "world"])))
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--method", required=True)
+    ap.add_argument("--variant", action="append", default=[], help="NAME or NAME:param=value,param=value")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--set", action="append", default=[], help="param=value for every run (run or method parameter)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--table", action="store_true", help="only print the table of existing runs")
+    args = ap.parse_args()
+    variants = [parse_variant(v) for v in args.variant]
+    names = [n for n, _ in variants]
+    if len(set(names)) != len(names): raise SystemExit(f"--variant names repeat: {names}")
+    if args.table: print_table(args.method, names); return
+    if not variants: raise SystemExit("give at least one --variant")
+    if args.threads: torch.set_num_threads(args.threads)
+    common = {k: v for s in args.set for k, v in parse_assignments(s, "--set").items()}
+    plans = []  # validate the whole grid before the first run starts
+    for name, params in variants:
+        run_values, method_params = split_parameters({**common, **params, "method": args.method}, args.method)
+        for seed in args.seeds:
+            cfg = TrainConfig(**{**run_values, "seed": seed, "run": f"{args.method}-{name}-s{seed}"})
+            cfg.validate(method_params)
+            plans.append((cfg, method_params))
+    for i, (cfg, method_params) in enumerate(plans, 1):
+        run_dir = runs_dir() / cfg.run
+        if (run_dir / RUN_FILES["metrics"]).exists(): print(f"[{i}/{len(plans)}] {cfg.run}: finished, skipped"); continue
+        if (run_dir / RUN_FILES["params"]).exists(): cfg.resume = True
+        start = time.perf_counter()
+        m = launch(cfg, method_params)
+        closed = m["test"]["closed"]
+        print(f"[{i}/{len(plans)}] {cfg.run}: {time.perf_counter() - start:.0f} s, epoch {m['epoch']}, "
+              f"test AUC {100 * closed['auc']:.2f}, best HM {100 * closed['best_hm']:.2f}", flush=True)
+    print_table(args.method, names)
+
+if __name__ == "__main__":
+    main()
