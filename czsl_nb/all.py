@@ -10,3 +10,15 @@ from .methods import *  # noqa: F401,F403
 from .clip_zeroshot import *  # noqa: F401,F403
 from .csp import *  # noqa: F401,F403
 from .learner import *  # noqa: F401,F403
+from .fusion import *  # noqa: F401,F403
+from .sepfusion import *  # noqa: F401,F403
+from .smoothing import *  # noqa: F401,F403
+from .word_embeddings import *  # noqa: F401,F403
+from .trident_features import *  # noqa: F401,F403
+from .trident import *  # noqa: F401,F403
+from .hopfield import *  # noqa: F401,F403
+from .soft_moe import *  # noqa: F401,F403
+from .hope import *  # noqa: F401,F403
+from .sparse_alignment import *  # noqa: F401,F403
+from .memory_bank import *  # noqa: F401,F403
+from .sam import *  # noqa: F401,F403
