@@ -16,6 +16,8 @@ from .smoothing import *  # noqa: F401,F403
 from .word_embeddings import *  # noqa: F401,F403
 from .trident_features import *  # noqa: F401,F403
 from .trident import *  # noqa: F401,F403
+from .moe_lora import *  # noqa: F401,F403
+from .eva import *  # noqa: F401,F403
 from .hopfield import *  # noqa: F401,F403
 from .soft_moe import *  # noqa: F401,F403
 from .hope import *  # noqa: F401,F403

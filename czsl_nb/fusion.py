@@ -11,31 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 from .backbone import CLIPBackbone
 from .data import clean_name
-from .prompts import PrimitiveVocabulary, SlotTemplate, encode_prompts
+from .prompts import ContextPrompt, PrimitiveVocabulary, encode_prompts
 
 # %% auto #0
-__all__ = ['PROMPT_KINDS', 'FUSION_ORDERS', 'ContextPrompt', 'SeparatedPrompts', 'CrossAttention', 'GatedCrossAttention', 'Fused',
+__all__ = ['PROMPT_KINDS', 'FUSION_ORDERS', 'SeparatedPrompts', 'CrossAttention', 'GatedCrossAttention', 'Fused',
            'ModalFusionSynthesizer']
-
-# %% ../nbs/16_fusion.ipynb #1ea6e776
-class ContextPrompt(nn.Module):
-    "Soft prompt `[SOT][ctx_1..ctx_m][v_1..v_k][EOT]`: learned context vectors (initialised from `context`'s words) before `k` slots."
-    def __init__(self, backbone: CLIPBackbone, context: str = "a photo of", n_slots: int = 1):
-        super().__init__()
-        n_ctx = int(backbone.tokenize([context])[0].argmax()) - 1  # BPE pieces between SOT and EOT
-        if n_ctx < 1: raise ValueError(f"context {context!r} has no word to learn")
-        self.template = SlotTemplate(backbone, " ".join([context, *["x"] * n_slots]), n_slots=n_ctx + n_slots)
-        with torch.no_grad(): init = backbone.token_embedding(self.template.ids[None])[0, self.template.slots[:n_ctx]]
-        self.context = nn.Parameter(init.detach().clone())
-        self.n_slots = n_slots
-
-    def forward(self, backbone: CLIPBackbone, slot_vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-        "[P, D] L2-normalised text features of the prompts whose slots hold `slot_vectors` ($k$ tensors [P, D_t])."
-        if len(slot_vectors) != self.n_slots: raise ValueError(f"expected {self.n_slots} slot tensors, got {len(slot_vectors)}")
-        n = slot_vectors[0].shape[0]
-        context = [row.expand(n, -1) for row in self.context]
-        ids, emb = self.template.embed(backbone, [*context, *slot_vectors])
-        return F.normalize(backbone.encode_text_embeddings(ids, emb), dim=-1)
 
 # %% ../nbs/16_fusion.ipynb #7155fdd5
 PROMPT_KINDS = ("hard", "soft")

@@ -11,8 +11,7 @@ from torch import nn
 from .core import register
 from .data import clean_name
 from .methods import CZSLMethod
-from .prompts import PrimitiveVocabulary, encode_prompts, pair_prompts
-from .fusion import ContextPrompt
+from .prompts import ContextPrompt, PrimitiveVocabulary, encode_prompts, pair_prompts
 from .hopfield import (HOPFIELD_SCALES, RETRIEVAL_TARGETS, HopfieldMemory, QueryProjection, Retrieval,
                               multi_positive_infonce, retrieval_loss, slot_means)
 from .soft_moe import COMPOSER_MIXERS, Composer

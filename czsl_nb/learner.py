@@ -336,6 +336,7 @@ class Learner:
         return evaluate(scores, attr, obj, self.data.pair_ids(pairs), self.data.pair_ids(self.data.train_pairs),
                         None if open_world else self.data.pair_ids(self.data.split_pairs[split]), topk=topk)
 
+    @torch.no_grad()  # a method may train text-tower parameters (EVA's text experts)
     def feasibility(self) -> torch.Tensor:
         "[P_open] feasibility of every open-world pair (CompCos/CSP) from the backbone's text embeddings of the words."
         words = lambda names: encode_prompts(self.backbone, [f"a photo of {clean_name(n)}" for n in names])
