@@ -93,3 +93,18 @@ def test_readme_main_job_names_a_fresh_run():
     run = re.search(r"-p run (\S+)", block)
     assert run, "the README's main job should name its run with -p run NAME"
     assert not (REPO / "runs" / run.group(1)).exists()
+
+def test_readme_results_table_matches_the_runs():
+    "Every method row of the README's results table quotes the committed runs' closed-world AUC and HM."
+    import re
+    from czsl_nb.learner import collect_runs
+    table = collect_runs(REPO / "runs")
+    closed = table[(table.world == "closed") & table.variant.isin(["default", "full"])]
+    text = (REPO / "README.md").read_text()
+    rows = re.findall(r"^\| `(\w+)`[^|]*\| \**([\d.]+) ± ([\d.]+)\** \| \**([\d.]+) ± ([\d.]+)\** \|", text, flags=re.M)
+    assert {name for name, *_ in rows} >= {"clip", "csp", "eva", "sam", "hope", "sepfusion", "trident"}
+    for name, *quoted in rows:
+        runs = closed[closed.method == name]
+        assert runs.seed.nunique() == 3, name
+        actual = [runs.auc.mean(), runs.auc.std(), runs.best_hm.mean(), runs.best_hm.std()]
+        assert all(abs(float(q) - a) < 0.006 for q, a in zip(quoted, actual)), (name, quoted, actual)
