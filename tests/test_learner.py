@@ -117,3 +117,14 @@ def test_entry_points_keep_parameters_tag(nb):
     "Without the tag papermill silently runs the defaults (nbdev_clean strips it unless allowed)."
     cells = json.loads((REPO / "nbs" / nb).read_text())["cells"]
     assert sum("parameters" in c.get("metadata", {}).get("tags", []) for c in cells) == 1
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_trains_and_tests_end_to_end(name, toy, tiny_config, tmp_path):
+    "Each registered method through the engine with its defaults: its hooks, one epoch, both worlds, a reload."
+    from czsl_nb.learner import load_run
+    m = launch(_cfg(toy, tiny_config, method=name, epochs=1, run=name, open_world=True), runs_root=tmp_path)
+    assert set(m["test"]) >= {"closed", "open", "open_uncalibrated"}
+    assert all(0 <= r["auc"] <= 1 for r in m["test"].values())
+    reloaded = load_run(tmp_path / name)  # the best checkpoint (and what on_fit_end added) reproduces the stored scores
+    scores = reloaded.score_split("test", reloaded.data.pairs).numpy()
+    assert np.allclose(scores, np.load(tmp_path / name / "test_scores.npz")["scores"], atol=1e-5)
