@@ -18,19 +18,33 @@ from tqdm.auto import tqdm
 from .core import get_method, list_methods, project_root, runs_dir, seed_everything
 from .data import CompositionData, CompositionSplit, SPLITS, clean_name
 from .metrics import evaluate, plot_curve, feasibility_scores, calibrate_feasibility, apply_feasibility
-from .backbone import CLIPBackbone
+from .backbone import CLIPBackbone, tiny_backbone
 from .mini_clip import load_backbone
 from .synthetic import synthetic_world
 from .methods import CZSLMethod, LabelSpace
 from .prompts import encode_prompts
 
 # %% auto #0
-__all__ = ['DEVICES', 'PRECISIONS', 'RUN_FILES', 'RESULT_KEYS', 'TrainConfig', 'git_commit', 'run_params', 'check_run_dir',
-           'prepare_run_dir', 'FeatureSplit', 'EpochShuffle', 'PartnerSplit', 'resolve_dataset', 'split_labels',
-           'Learner', 'split_parameters', 'launch', 'load_run', 'run_variant', 'collect_runs', 'summarize_runs',
-           'train_cli']
+__all__ = ['DEVICES', 'PRECISIONS', 'RUN_FILES', 'RESULT_KEYS', 'probe_method_values', 'TrainConfig', 'git_commit', 'run_params',
+           'check_run_dir', 'prepare_run_dir', 'FeatureSplit', 'EpochShuffle', 'PartnerSplit', 'resolve_dataset',
+           'split_labels', 'Learner', 'split_parameters', 'launch', 'load_run', 'run_variant', 'collect_runs',
+           'summarize_runs', 'train_cli']
 
 # %% ../nbs/30_learner.ipynb #695ec289
+def probe_method_values(method: str, hparams: dict) -> None:
+    "Build `method` once on the tiny random CLIP and a 3 x 2 label space: a bad hyper-parameter value fails here, in a second, before any data, weights or run folder."
+    import warnings
+    space = LabelSpace(["red", "wet", "old"], ["ball", "dog"], [("red", "ball"), ("wet", "dog"), ("old", "ball")])
+    threads = torch.get_num_threads()
+    # one thread: an OpenMP pool started here would deadlock the data-parallel workers forked after it
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(), warnings.catch_warnings():  # the probe leaves the run's random stream untouched
+            warnings.simplefilter("ignore")
+            get_method(method)(tiny_backbone(), space, **hparams)
+    except ValueError as e: raise ValueError(f"method {method!r}: {e}") from None
+    finally: torch.set_num_threads(threads)
+
 DEVICES = ("cpu", "cuda", "auto")  # auto: cuda when available
 PRECISIONS = ("no", "fp16", "bf16")
 
@@ -80,7 +94,9 @@ class TrainConfig:
             bad("run", "a folder name: letters, digits and . _ = + - (no slashes or spaces)")
         if self.dataset != "synthetic" and not Path(self.dataset).expanduser().is_dir():
             bad("dataset", "not 'synthetic' and not an existing folder (a dataset root in the standard CZSL layout)")
-        return get_method(self.method).resolve_hparams(method_params or {})
+        hparams = get_method(self.method).resolve_hparams(method_params or {})
+        probe_method_values(self.method, hparams)
+        return hparams
 
     @property
     def uses_cuda(self) -> bool: return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())

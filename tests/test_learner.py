@@ -106,6 +106,7 @@ def test_papermill_train(toy, tiny_config, tmp_path):
     (["-p", "method", "sam_typo"], "unknown method; valid: " + ", ".join(list_methods())),
     (["-p", "lr_rate", "0.1"], "unknown parameter(s) lr_rate"),
     (["-p", "epochs", "-2"], "parameter epochs=-2: out of range"),
+    (["-p", "method", "eva", "-p", "towers", "both"], "method 'eva': towers='both'"),  # a bad value, caught by the probe build
 ])
 def test_papermill_rejects_bad_parameters_before_work(args, message, tmp_path):
     r = _papermill(args, tmp_path / "runs", tmp_path)
