@@ -79,18 +79,12 @@ class EVA(CZSLMethod):
     # -- text side ----------------------------------------------------------------------------
     def pair_text(self, pair_ids: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
         "[P, D] normalised composition prompts t_c."
-        out = []
-        for i in range(0, len(pair_ids), chunk_size):
-            attr_vec, obj_vec = self.vocab(pair_ids[i:i + chunk_size, 0], pair_ids[i:i + chunk_size, 1])
-            out.append(self.pair_prompt(self.backbone, [attr_vec, obj_vec]))
-        return F.normalize(torch.cat(out), dim=-1)
+        return self.pair_prompt.encode_pairs(self.backbone, self.vocab, pair_ids, chunk_size)
 
     def primitive_text(self) -> tuple[torch.Tensor, torch.Tensor]:
         "Normalised state prompts t_s [|A|, D] and object prompts t_o [|O|, D]."
-        words = self.vocab.dropout(self.vocab.weight)
-        n = self.vocab.n_attrs
-        return (F.normalize(self.attr_prompt(self.backbone, [words[:n]]), dim=-1),
-                F.normalize(self.obj_prompt(self.backbone, [words[n:]]), dim=-1))
+        attrs, objs = self.vocab.primitives()
+        return self.attr_prompt(self.backbone, [attrs]), self.obj_prompt(self.backbone, [objs])
 
     @property
     def scale(self) -> torch.Tensor: return self.backbone.logit_scale.exp()

@@ -52,15 +52,11 @@ class SeparatedPrompts(nn.Module):
         if self.kinds["pair"] == "hard":
             if self.hard_pair is not None and torch.equal(pair_ids, self.cached_pairs): return self.hard_pair
             return self._hard_pairs(backbone, pair_ids)
-        attr_vec, obj_vec = self.vocab(pair_ids[:, 0], pair_ids[:, 1])
-        return self.soft["pair"](backbone, [attr_vec, obj_vec])
+        return self.soft["pair"].encode_pairs(backbone, self.vocab, pair_ids)
 
     def primitive_features(self, backbone: CLIPBackbone) -> tuple[torch.Tensor, torch.Tensor]:
         "State features [A, D] of every attribute and object features [O, D] of every object."
-        attr_vec = obj_vec = None
-        if self.vocab is not None:
-            device = self.vocab.weight.device
-            attr_vec, obj_vec = self.vocab(torch.arange(self.n_attrs, device=device), torch.arange(self.n_objs, device=device))
+        attr_vec, obj_vec = self.vocab.primitives() if self.vocab is not None else (None, None)
         state = self.hard_state if self.kinds["state"] == "hard" else self.soft["state"](backbone, [attr_vec])
         obj = self.hard_object if self.kinds["object"] == "hard" else self.soft["object"](backbone, [obj_vec])
         return state, obj

@@ -71,8 +71,7 @@ class HOPE(CZSLMethod):
 
     def pair_text_features(self, pair_ids: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
         "$f_t$ [P, D]: L2-normalised soft-prompt features of `pair_ids` (vocabulary dropout applies in training)."
-        return torch.cat([self.prompt(self.backbone, list(self.vocab(ids[:, 0], ids[:, 1])))
-                          for ids in pair_ids.split(chunk_size)]) if len(pair_ids) else pair_ids.new_zeros(0, self.backbone.embed_dim, dtype=torch.float)
+        return self.prompt.encode_pairs(self.backbone, self.vocab, pair_ids, chunk_size)
 
     def compose(self, features: torch.Tensor) -> Composed:
         "Queries, Hopfield retrieval, linguistic counterparts and the composer, for [B, D] image features."

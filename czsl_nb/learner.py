@@ -71,8 +71,8 @@ class TrainConfig:
     open_world: bool = False  # also test in the open world, with feasibility calibrated on validation
     feasibility_mode: str = "multiply"  # how infeasible pairs are suppressed: multiply (CSP) or mask
 
-    def validate(self, method_params: dict | None = None) -> dict:
-        "Raise on any impossible value; return the method's resolved hyper-parameters."
+    def validate(self, method_params: dict | None = None, probe_method: bool = True) -> dict:
+        "Raise on any impossible value; return the method's resolved hyper-parameters (values checked by a probe build)."
         def bad(name, why): raise ValueError(f"parameter {name}={getattr(self, name)!r}: {why}")
         if self.method not in list_methods(): bad("method", f"unknown method; valid: {', '.join(list_methods())}")
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "num_processes", "num_workers", "seed"):
@@ -95,7 +95,7 @@ class TrainConfig:
         if self.dataset != "synthetic" and not Path(self.dataset).expanduser().is_dir():
             bad("dataset", "not 'synthetic' and not an existing folder (a dataset root in the standard CZSL layout)")
         hparams = get_method(self.method).resolve_hparams(method_params or {})
-        probe_method_values(self.method, hparams)
+        if probe_method: probe_method_values(self.method, hparams)
         return hparams
 
     @property
@@ -205,7 +205,7 @@ class Learner:
     def __init__(self, cfg: TrainConfig, run_dir: Path, method_params: dict | None = None,
                  data: CompositionData | None = None, backbone: CLIPBackbone | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)  # run_dir: prepared by `prepare_run_dir` (or an existing run to evaluate)
-        self.method_params = cfg.validate(method_params)
+        self.method_params = cfg.validate(method_params, probe_method=False)  # the method is built below, for real
         self.acc = Accelerator(cpu=not cfg.uses_cuda, mixed_precision=cfg.precision,
                                gradient_accumulation_steps=cfg.grad_accum)
         seed_everything(cfg.seed)

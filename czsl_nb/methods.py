@@ -12,7 +12,7 @@ from .backbone import CLIPBackbone
 from .data import CompositionData, Pair
 
 # %% auto #0
-__all__ = ['LabelSpace', 'CZSLMethod']
+__all__ = ['LabelSpace', 'CZSLMethod', 'composed_probability']
 
 # %% ../nbs/20_methods.ipynb #0af85a77
 @dataclass
@@ -70,8 +70,7 @@ class CZSLMethod(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         "The training loss terms; images are encoded here when the batch has no cached `features`."
-        if "features" not in batch: batch = {**batch, "features": self.image_features(batch["image"])}
-        return self.loss(batch)
+        return self.loss({**batch, "features": self.batch_features(batch)})
 
     def on_fit_start(self, learner) -> None:
         "Before training (and before a resumed run restores its checkpoint): e.g. initialise memories from data."
@@ -108,3 +107,11 @@ class CZSLMethod(nn.Module):
         not_frozen = [k for k in missing if not k.startswith("backbone.")]
         if unexpected or not_frozen:
             raise KeyError(f"checkpoint does not fit {type(self).__name__}: unexpected {unexpected}, missing {not_frozen}")
+
+# %% ../nbs/20_methods.ipynb #a1b2c3d4
+def composed_probability(logits: dict[str, torch.Tensor],  # "pair" [B, P], "attr" [B, |A|], "obj" [B, |O|]
+                         pair_ids: torch.Tensor,  # [P, 2] the scored compositions
+                         primitive_weight: float = 1.0) -> torch.Tensor:
+    "[B, P] p(c|x) + w p(a|x) p(o|x), each a softmax over the scored compositions / all attributes / all objects."
+    p_attr, p_obj = logits["attr"].softmax(-1), logits["obj"].softmax(-1)
+    return logits["pair"].softmax(-1) + primitive_weight * p_attr[:, pair_ids[:, 0]] * p_obj[:, pair_ids[:, 1]]

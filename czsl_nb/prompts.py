@@ -65,15 +65,23 @@ class PrimitiveVocabulary(nn.Module):
         "Attribute and object vectors ([P, D_t] each) for the pairs given as id tensors."
         weight = self.dropout(self.weight)
         return weight[attr_ids], weight[self.n_attrs + obj_ids]
+    def primitives(self) -> tuple[torch.Tensor, torch.Tensor]:
+        "Vectors of every attribute [|A|, D_t] and every object [|O|, D_t], under one dropout draw."
+        weight = self.dropout(self.weight)
+        return weight[:self.n_attrs], weight[self.n_attrs:]
 
 # %% ../nbs/10_prompts.ipynb #f1c2d3e4
 class ContextPrompt(nn.Module):
-    "Soft prompt `[SOT][ctx_1..ctx_m][v_1..v_k][EOT]`: learned context vectors (initialised from `context`'s words) before `k` slots."
-    def __init__(self, backbone: CLIPBackbone, context: str = "a photo of", n_slots: int = 1):
+    "Soft prompt `[SOT][ctx_1..ctx_m][v_1..v_k][suffix][EOT]`: learned context vectors (initialised from `context`'s words) before `k` slots."
+    def __init__(self, backbone: CLIPBackbone, context: str = "a photo of", n_slots: int = 1,
+                 suffix: str = ""):  # fixed words after the slots (Troika's attribute prompt: "object")
         super().__init__()
-        n_ctx = int(backbone.tokenize([context])[0].argmax()) - 1  # BPE pieces between SOT and EOT
+        pieces = lambda text: int(backbone.tokenize([text])[0].argmax()) - 1  # BPE pieces between SOT and EOT
+        n_ctx, n_suffix = pieces(context), pieces(suffix) if suffix else 0
         if n_ctx < 1: raise ValueError(f"context {context!r} has no word to learn")
-        self.template = SlotTemplate(backbone, " ".join([context, *["x"] * n_slots]), n_slots=n_ctx + n_slots)
+        # the suffix's positions are slots too, but no vector is ever passed for them: they keep their words
+        self.template = SlotTemplate(backbone, " ".join([context, *["x"] * n_slots, *([suffix] if suffix else [])]),
+                                     n_slots=n_ctx + n_slots + n_suffix)
         with torch.no_grad(): init = backbone.token_embedding(self.template.ids[None])[0, self.template.slots[:n_ctx]]
         self.context = nn.Parameter(init.detach().clone())
         self.n_slots = n_slots
@@ -85,3 +93,10 @@ class ContextPrompt(nn.Module):
         context = [row.expand(n, -1) for row in self.context]
         ids, emb = self.template.embed(backbone, [*context, *slot_vectors])
         return F.normalize(backbone.encode_text_embeddings(ids, emb), dim=-1)
+
+    def encode_pairs(self, backbone: CLIPBackbone, vocab: PrimitiveVocabulary, pair_ids: torch.Tensor,
+                     chunk_size: int = 1024) -> torch.Tensor:
+        "[P, D] features of this two-slot prompt filled with `vocab`'s attribute and object vectors of `pair_ids` [P, 2]."
+        if self.n_slots != 2: raise ValueError(f"encode_pairs needs a two-slot prompt, this one has {self.n_slots}")
+        if not len(pair_ids): return torch.zeros(0, backbone.embed_dim, device=pair_ids.device)
+        return torch.cat([self(backbone, list(vocab(ids[:, 0], ids[:, 1]))) for ids in pair_ids.split(chunk_size)])

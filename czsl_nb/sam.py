@@ -11,45 +11,32 @@ import torch.nn.functional as F
 from torch import nn
 from .core import register  # first: czsl_nb's torchvision fix must precede peft
 from .backbone import patch_to
-from .methods import CZSLMethod
-from .prompts import PrimitiveVocabulary, SlotTemplate
+from .methods import CZSLMethod, composed_probability
+from .prompts import ContextPrompt, PrimitiveVocabulary
 from .sparse_alignment import (SELECTIONS, KL_DIRECTIONS, VisualAdaptiveCondensation, aligned_tokens,
                                       distillation_kl, relative_modality_gap, sparse_alignment)
 from .memory_bank import MEMORY_MODES, DynamicMemoryBank, entropy, lowest_entropy_slots
 from peft import LoraConfig, inject_adapter_in_model
 
 # %% auto #0
-__all__ = ['SAM_SCHEDULES', 'SAM_INFERENCE_PARAMS', 'SAM_STAGE1_PARAMS', 'TroikaPrompts', 'SAM', 'composed_probability',
-           'fuse_scores']
+__all__ = ['SAM_SCHEDULES', 'SAM_INFERENCE_PARAMS', 'SAM_STAGE1_PARAMS', 'TroikaPrompts', 'SAM', 'fuse_scores']
 
 # %% ../nbs/24_sam.ipynb #0fccedd1
 class TroikaPrompts(nn.Module):
     "Composition, attribute and object soft prompts: a learnable 3-token context each, one shared primitive vocabulary."
     def __init__(self, backbone, attrs, objs, attr_dropout: float = 0.3, context: str = "a photo of"):
         super().__init__()
-        n_ctx = int(backbone.tokenize([context])[0].argmax()) - 1
         self.vocab = PrimitiveVocabulary(backbone, attrs, objs, dropout=attr_dropout)
-        self.templates = nn.ModuleDict({
-            "pair": SlotTemplate(backbone, f"{context} x x", n_slots=n_ctx + 2),
-            "attr": SlotTemplate(backbone, f"{context} x object", n_slots=n_ctx + 2),  # "object" stays a fixed word
-            "obj": SlotTemplate(backbone, f"{context} x", n_slots=n_ctx + 1)})
-        ctx = backbone.token_embedding(backbone.tokenize([context]))[0, 1:1 + n_ctx].detach()
-        self.contexts = nn.ParameterDict({k: nn.Parameter(ctx.clone()) for k in self.templates})
-
-    def _encode(self, backbone, kind: str, words: list[torch.Tensor]) -> torch.Tensor:
-        n = words[0].shape[0]
-        ctx = [row.expand(n, -1) for row in self.contexts[kind]]
-        ids, emb = self.templates[kind].embed(backbone, ctx + words)
-        return F.normalize(backbone.encode_text_embeddings(ids, emb), dim=-1)
+        self.soft = nn.ModuleDict({"pair": ContextPrompt(backbone, context, n_slots=2),
+                                   "attr": ContextPrompt(backbone, context, n_slots=1, suffix="object"),
+                                   "obj": ContextPrompt(backbone, context, n_slots=1)})
 
     def forward(self, backbone, pair_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         "Normalised text features: 'pair' [P, D] for `pair_ids`, 'attr' [A, D] and 'obj' [O, D] for every primitive."
-        n_attrs, n_objs = self.vocab.n_attrs, self.vocab.weight.shape[0] - self.vocab.n_attrs
-        attr_vec, obj_vec = self.vocab(pair_ids[:, 0], pair_ids[:, 1])
-        every_attr, _ = self.vocab(torch.arange(n_attrs, device=pair_ids.device), torch.zeros(n_attrs, dtype=torch.long, device=pair_ids.device))
-        _, every_obj = self.vocab(torch.zeros(n_objs, dtype=torch.long, device=pair_ids.device), torch.arange(n_objs, device=pair_ids.device))
-        return {"pair": self._encode(backbone, "pair", [attr_vec, obj_vec]),
-                "attr": self._encode(backbone, "attr", [every_attr]), "obj": self._encode(backbone, "obj", [every_obj])}
+        pair = self.soft["pair"](backbone, list(self.vocab(pair_ids[:, 0], pair_ids[:, 1])))
+        every_attr, _ = self.vocab.primitives()
+        _, every_obj = self.vocab.primitives()  # its own dropout draw, as the object prompts have always had
+        return {"pair": pair, "attr": self.soft["attr"](backbone, [every_attr]), "obj": self.soft["obj"](backbone, [every_obj])}
 
 # %% ../nbs/24_sam.ipynb #6de27da1
 SAM_SCHEDULES = ("staged", "joint", "vac_only")
@@ -151,11 +138,6 @@ class SAM(CZSLMethod):
         return terms
 
 # %% ../nbs/24_sam.ipynb #89d5f8ec
-def composed_probability(logits: dict[str, torch.Tensor], pair_ids: torch.Tensor) -> torch.Tensor:
-    "[B, P] p(c|x) + p(a|x) p(o|x), each a softmax over the scored compositions / all attributes / all objects."
-    p_attr, p_obj = logits["attr"].softmax(-1), logits["obj"].softmax(-1)
-    return logits["pair"].softmax(-1) + p_attr[:, pair_ids[:, 0]] * p_obj[:, pair_ids[:, 1]]
-
 def fuse_scores(p_sa: torch.Tensor | None, p_global: torch.Tensor | None, p_mb: torch.Tensor | None,
                 beta: float = 0.5, gamma: float = 1.0) -> torch.Tensor:
     "beta p_sa + (1 - beta)(p_global + gamma p_mb); a missing path drops out (and beta with it)."

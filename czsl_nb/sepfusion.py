@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from .core import register
-from .methods import CZSLMethod
+from .methods import CZSLMethod, composed_probability
 from .fusion import FUSION_ORDERS, ModalFusionSynthesizer, SeparatedPrompts
 
 # %% auto #0
@@ -51,10 +51,13 @@ class SepFusion(CZSLMethod):
     def all_logits(self, tokens: torch.Tensor, pair_ids: torch.Tensor, chunk_size: int | None = None):
         "$z^{pair}$ [B, P] of `pair_ids`, $z^s$ [B, A] and $z^o$ [B, O] of image tokens [B, 1+L, D]."
         fused = self.fusion(tokens, *self.prompts.primitive_features(self.backbone))
-        chunk_size = chunk_size or max(len(pair_ids), 1)
-        z_pair = torch.cat([self._logits(fused.image, self.fusion.fuse_pair(tokens, self.prompts.pair_features(self.backbone, pair_ids[i:i + chunk_size])))
-                            for i in range(0, len(pair_ids), chunk_size)], dim=1)
+        z_pair = self._pair_logits(tokens, fused.image, self.prompts.pair_features(self.backbone, pair_ids), chunk_size)
         return z_pair, self._logits(fused.image, fused.state), self._logits(fused.image, fused.object)
+
+    def _pair_logits(self, tokens: torch.Tensor, image: torch.Tensor, pair_text: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        "[B, P] logits of the fused image [B, D] against pair features [P, D] fused with each image's tokens, `chunk_size` pairs at a time."
+        chunk_size = chunk_size or max(len(pair_text), 1)
+        return torch.cat([self._logits(image, self.fusion.fuse_pair(tokens, text)) for text in pair_text.split(chunk_size)], dim=1)
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         hp = self.hparams
@@ -69,18 +72,14 @@ class SepFusion(CZSLMethod):
 
     def combine(self, z_pair: torch.Tensor, z_state: torch.Tensor, z_obj: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
         "[B, P] p_pair(a,o) + w p_s(a) p_o(o) over the candidate pairs `pair_ids`."
-        p_state, p_obj = z_state.softmax(-1), z_obj.softmax(-1)
-        primitive = p_state[:, pair_ids[:, 0]] * p_obj[:, pair_ids[:, 1]]
-        return z_pair.softmax(-1) + self.hparams["primitive_score_weight"] * primitive
+        return composed_probability({"pair": z_pair, "attr": z_state, "obj": z_obj}, pair_ids, self.hparams["primitive_score_weight"])
 
     @torch.no_grad()
     def scorer(self, pair_ids: torch.Tensor, chunk_size: int = 1024):
-        pair_text = torch.cat([self.prompts.pair_features(self.backbone, pair_ids[i:i + chunk_size])
-                               for i in range(0, len(pair_ids), chunk_size)])
+        pair_text = self.prompts.pair_features(self.backbone, pair_ids)  # encoded in chunks by the prompts
         state, obj = self.prompts.primitive_features(self.backbone)
         def score(tokens: torch.Tensor) -> torch.Tensor:
             fused = self.fusion(tokens, state, obj)
-            z_pair = torch.cat([self._logits(fused.image, self.fusion.fuse_pair(tokens, pair_text[i:i + chunk_size]))
-                                for i in range(0, len(pair_ids), chunk_size)], dim=1)
+            z_pair = self._pair_logits(tokens, fused.image, pair_text, chunk_size)
             return self.combine(z_pair, self._logits(fused.image, fused.state), self._logits(fused.image, fused.object), pair_ids).float()
         return torch.no_grad()(score)
