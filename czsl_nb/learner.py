@@ -315,7 +315,8 @@ class Learner:
             best_state = torch.load(self.run_dir / RUN_FILES["best"], map_location="cpu", weights_only=True)
             self.method.load_trainable_state_dict(best_state)
         self.method.on_fit_end(self)
-        if trainable and acc.is_main_process:  # what on_fit_end built belongs to the selected model
+        # what on_fit_start/on_fit_end set (memories, a bank, an init_from model) belongs to the tested model, even after 0 epochs
+        if self.method.trainable and acc.is_main_process:
             torch.save(self.method.trainable_state_dict(), self.run_dir / RUN_FILES["best"])
         return self.test(best["epoch"])
 
@@ -443,8 +444,8 @@ def load_run(run: str | Path, checkpoint: str = "best", **overrides) -> Learner:
     params = yaml.safe_load(params_file.read_text())
     method_params = params.pop("method_params")
     learner = Learner(TrainConfig(**{**params, **overrides}), run_dir, method_params)
-    if learner.method.trainable and params["epochs"] > 0:
-        path = run_dir / RUN_FILES[checkpoint]
+    path = run_dir / RUN_FILES[checkpoint]
+    if learner.method.trainable and (params["epochs"] > 0 or path.is_file()):  # a 0-epoch run saves what its hooks set
         if not path.is_file(): raise FileNotFoundError(f"{path}: no {checkpoint} checkpoint in this run")
         state = torch.load(path, map_location="cpu", weights_only=True)
         learner.method.load_trainable_state_dict(state["method"] if checkpoint == "last" else state)

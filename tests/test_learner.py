@@ -129,3 +129,12 @@ def test_every_method_trains_and_tests_end_to_end(name, toy, tiny_config, tmp_pa
     reloaded = load_run(tmp_path / name)  # the best checkpoint (and what on_fit_end added) reproduces the stored scores
     scores = reloaded.score_split("test", reloaded.data.pairs).numpy()
     assert np.allclose(scores, np.load(tmp_path / name / "test_scores.npz")["scores"], atol=1e-5)
+
+def test_zero_epoch_run_keeps_what_its_hooks_set(toy, tiny_config, tmp_path):
+    "HOPE fills its memories from training images in on_fit_start: a 0-epoch run saves them, and a reload scores as the run did."
+    from czsl_nb.learner import load_run
+    launch(_cfg(toy, tiny_config, method="hope", epochs=0, run="hope0"), runs_root=tmp_path)
+    assert (tmp_path / "hope0" / "checkpoint_best.pt").is_file()
+    reloaded = load_run(tmp_path / "hope0")
+    scores = reloaded.score_split("test", reloaded.data.pairs).numpy()
+    assert np.allclose(scores, np.load(tmp_path / "hope0" / "test_scores.npz")["scores"], atol=1e-5)
