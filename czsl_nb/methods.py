@@ -4,15 +4,17 @@
 
 # %% ../nbs/20_methods.ipynb #1cd3c4b1
 from __future__ import annotations
-from dataclasses import dataclass
-from typing import Callable, Sequence
+import math, re
+from dataclasses import dataclass, field, fields, asdict, MISSING
+from typing import Any, Callable, Literal, Sequence, get_args, get_origin, get_type_hints
 import torch
 from torch import nn
 from .backbone import CLIPBackbone
 from .data import CompositionData, Pair
 
 # %% auto #0
-__all__ = ['LabelSpace', 'CZSLMethod', 'composed_probability']
+__all__ = ['LabelSpace', 'hparam', 'in_interval', 'coerce', 'Params', 'default_values', 'valid_values', 'params_table',
+           'NoParams', 'CZSLMethod', 'composed_probability']
 
 # %% ../nbs/20_methods.ipynb #0af85a77
 @dataclass
@@ -36,14 +38,119 @@ class LabelSpace:
     def names(self, pair_ids: torch.Tensor) -> list[Pair]:
         return [(self.attrs[a], self.objs[o]) for a, o in pair_ids.tolist()]
 
+# %% ../nbs/20_methods.ipynb #da3d2f41
+_INTERVAL = re.compile(r"^([\[(])\s*(-inf|[-+0-9.eE]+)\s*,\s*(inf|[-+0-9.eE]+)\s*([\])])$")
+
+def hparam(default, help: str, range: str | None = None):
+    "A typed dataclass field: the default, a one-line meaning (with the paper's symbol), for numbers an interval like '[0, 1)'."
+    if range is not None and not _INTERVAL.match(range):
+        raise ValueError(f"range {range!r}: write an interval such as '[0, 1)', '(0, inf)' or '[1, inf)'")
+    default_kind = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(**default_kind, metadata={"help": help, "range": range})
+
+def in_interval(value: float, interval: str) -> bool:
+    "Whether `value` lies in an interval written like '[0, 1)'."
+    low_bracket, low, high, high_bracket = _INTERVAL.match(interval).groups()
+    low, high = float(low), float(high)
+    return (value >= low if low_bracket == "[" else value > low) and (value <= high if high_bracket == "]" else value < high)
+
+# %% ../nbs/20_methods.ipynb #018de7bb
+def _coerce_number(value, kind):
+    if isinstance(value, bool): raise ValueError(f"must be {'an integer' if kind is int else 'a number'}, not a bool")
+    if kind is int:
+        if isinstance(value, int): return value
+        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+", value.strip()): return int(value)
+        raise ValueError("must be an integer")
+    if isinstance(value, str):  # PyYAML reads `5e-5` (no dot) as a string
+        try: value = float(value)
+        except ValueError: raise ValueError("must be a number") from None
+    if not isinstance(value, (int, float)) or not math.isfinite(value): raise ValueError("must be a finite number")
+    return float(value)
+
+def coerce(value, kind):
+    "`value` as `kind` (bool, int, float, str, list[int] or Literal[...]); a ValueError says what is valid."
+    if get_origin(kind) is Literal:
+        choices = get_args(kind)
+        for choice in choices:
+            if value == choice and type(value) is type(choice): return choice
+        raise ValueError(f"not a valid choice; valid: {', '.join(map(repr, choices))}")
+    if get_origin(kind) is list:
+        import yaml
+        items = yaml.safe_load(value) if isinstance(value, str) else value  # `-p lr_milestones "[5, 10]"`
+        if not isinstance(items, (list, tuple)): raise ValueError("must be a list, e.g. [5, 10]")
+        (item_kind,) = get_args(kind)
+        return [coerce(item, item_kind) for item in items]
+    if kind is bool:
+        if isinstance(value, bool): return value
+        raise ValueError("must be True or False")
+    if kind in (int, float): return _coerce_number(value, kind)
+    if kind is str:
+        if isinstance(value, str): return value
+        raise ValueError("must be a string")
+    raise TypeError(f"unsupported parameter type {kind!r}")
+
+# %% ../nbs/20_methods.ipynb #7a5515f8
+class Params:
+    "Base of typed parameter dataclasses: every field is coerced to its type and checked against its choices or interval."
+    def __post_init__(self):
+        kinds = get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            try:
+                value = coerce(value, kinds[f.name])
+                interval = f.metadata.get("range")
+                if interval and not all(in_interval(v, interval) for v in (value if isinstance(value, list) else [value])):
+                    raise ValueError(f"out of range; valid: {interval}")
+            except ValueError as e:
+                raise ValueError(f"{type(self).label}{f.name}={getattr(self, f.name)!r}: {e}") from None
+            setattr(self, f.name, value)
+        self.check()
+
+    label = ""  # what error messages put before a field's name
+
+    def check(self) -> None:
+        "Constraints between fields; raise a ValueError that names them (override)."
+
+def default_values(params: type) -> dict[str, Any]:
+    "Every field's default."
+    return {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(params)}
+
+def _type_name(kind) -> str:
+    if get_origin(kind) is Literal: return type(get_args(kind)[0]).__name__
+    return str(kind).replace("typing.", "") if get_origin(kind) else kind.__name__
+
+def valid_values(params: type, name: str) -> str:
+    "A field's valid values in words: its choices, its interval, or its type."
+    f = {f.name: f for f in fields(params)}[name]
+    kind = get_type_hints(params)[name]
+    if get_origin(kind) is Literal: return " | ".join(map(str, get_args(kind)))
+    return f.metadata.get("range") or ("True | False" if kind is bool else "any")
+
+def params_table(params: type) -> "pd.DataFrame":
+    "One row per field of a parameter dataclass: name, type, default, valid values, meaning."
+    import pandas as pd
+    kinds, defaults = get_type_hints(params), default_values(params)
+    return pd.DataFrame([{"name": f.name, "type": _type_name(kinds[f.name]), "default": repr(defaults[f.name]),
+                          "valid": valid_values(params, f.name), "meaning": f.metadata.get("help", "")}
+                         for f in fields(params)]).set_index("name")
+
 # %% ../nbs/20_methods.ipynb #5b990df0
+@dataclass
+class NoParams(Params):
+    "A method without hyper-parameters."
+
 class CZSLMethod(nn.Module):
-    "Base class of every method; subclasses set `defaults` and implement `loss` and `scorer`."
-    defaults: dict = {}
+    "Base class of every method; subclasses declare `Params` and implement `loss` and `scorer`."
+    Params: type = NoParams  # the method's typed hyper-parameters (a `Params` dataclass)
+    defaults: dict = {}  # derived from `Params` for every subclass
     cache_image_features: bool = False
     trainable: bool = True
     partner_samples: tuple[str, ...] = ()  # "attr"/"obj": training batches also carry images sharing that label
     shuffled_evaluation: bool = False  # score images in a fixed seeded random order (test-time updates)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.defaults = default_values(cls.Params)
 
     def __init__(self, backbone: CLIPBackbone, space: LabelSpace, **hparams):
         super().__init__()
@@ -52,13 +159,24 @@ class CZSLMethod(nn.Module):
 
     @classmethod
     def resolve_hparams(cls, hparams: dict) -> dict:
-        "The method's defaults updated by `hparams`; unknown names raise, listing the valid ones."
+        "`hparams` over the defaults, checked by `Params` (types, choices, ranges, constraints); unknown names raise."
+        name = getattr(cls, "method_name", cls.__name__)
         unknown = sorted(set(hparams) - set(cls.defaults))
         if unknown:
             valid = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()) or "(none)"
-            raise ValueError(f"unknown hyper-parameter(s) {', '.join(unknown)} for method "
-                             f"{getattr(cls, 'method_name', cls.__name__)!r}; valid: {valid}")
-        return {**cls.defaults, **hparams}
+            raise ValueError(f"unknown hyper-parameter(s) {', '.join(unknown)} for method {name!r}; valid: {valid}")
+        try: return asdict(cls.Params(**hparams))
+        except ValueError as e: raise ValueError(f"method {name!r}: {e}") from None
+
+    @classmethod
+    def min_epochs(cls, hparams: dict) -> int:
+        "The fewest training epochs after which a selectable model exists (0 epochs always works: evaluate only)."
+        return 1
+
+    @property
+    def selectable(self) -> bool:
+        "Whether the model after the current epoch may be selected: False while only part of it trains (an early stage)."
+        return True
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         "[B, D] pooled CLIP image features (float32); override to return tokens or more."
