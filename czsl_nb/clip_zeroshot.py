@@ -4,19 +4,25 @@
 
 # %% ../nbs/21_clip.ipynb #215cca64
 from __future__ import annotations
+from dataclasses import dataclass
 import torch
 from .core import register
-from .methods import CZSLMethod
+from .methods import CZSLMethod, Params, hparam
 from .prompts import encode_prompts, pair_prompts
 
 # %% auto #0
-__all__ = ['CLIPZeroShot']
+__all__ = ['CLIPZeroShotParams', 'CLIPZeroShot']
 
 # %% ../nbs/21_clip.ipynb #e7ec5661
+@dataclass
+class CLIPZeroShotParams(Params):
+    "CLIP zero-shot's one hyper-parameter: its hard prompt."
+    template: str = hparam("a photo of {attr} {obj}", "the hard prompt; {attr}, {obj} become the names (CSP's)")
+
 @register("clip")
 class CLIPZeroShot(CZSLMethod):
     "CLIP zero-shot: cosine between the image and 'a photo of {attr} {obj}' for every pair."
-    defaults = {"template": "a photo of {attr} {obj}"}
+    Params = CLIPZeroShotParams
     cache_image_features = True
     trainable = False
 

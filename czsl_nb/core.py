@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['METHODS', 'patch_torchvision', 'project_root', 'cache_dir', 'runs_dir', 'seed_everything', 'register', 'list_methods',
-           'get_method']
+__all__ = ['METHODS', 'patch_torchvision', 'project_root', 'cache_dir', 'runs_dir', 'read_params_file', 'seed_everything',
+           'register', 'list_methods', 'get_method']
 
 # %% ../nbs/00_core.ipynb #c602983d
 _TORCHVISION_SCHEMAS = {
@@ -69,6 +69,14 @@ def runs_dir() -> Path:
     if os.environ.get("CZSL_NB_RUNS"): return Path(os.environ["CZSL_NB_RUNS"]).expanduser()
     root = project_root()
     return (root if root is not None else Path.cwd()) / "runs"
+
+# %% ../nbs/00_core.ipynb #665a8472
+def read_params_file(path: str | Path) -> dict:
+    "A run's params.yaml as one flat dict; the older form (method values nested under `method_params`) is flattened."
+    import yaml
+    params = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(params, dict): raise ValueError(f"{path}: expected a mapping of parameter names to values")
+    return {**{k: v for k, v in params.items() if k != "method_params"}, **(params.get("method_params") or {})}
 
 # %% ../nbs/00_core.ipynb #26a4d77e
 def seed_everything(seed: int) -> None:

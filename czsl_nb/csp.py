@@ -4,20 +4,27 @@
 
 # %% ../nbs/22_csp.ipynb #9158845a
 from __future__ import annotations
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from .core import register
-from .methods import CZSLMethod
+from .methods import CZSLMethod, Params, hparam
 from .prompts import PrimitiveVocabulary, SlotTemplate
 
 # %% auto #0
-__all__ = ['CSP']
+__all__ = ['CSPParams', 'CSP']
 
 # %% ../nbs/22_csp.ipynb #880486ed
+@dataclass
+class CSPParams(Params):
+    "CSP's hyper-parameters (the paper's MIT-States setting)."
+    template: str = hparam("a photo of x x", "the frozen prompt; its last two words are the slots for θ_a, θ_o (CSP)")
+    attr_dropout: float = hparam(0.3, "p, dropout on the rows of the learned vocabulary θ_vocab (CSP)", range="[0, 1)")
+
 @register("csp")
 class CSP(CZSLMethod):
     "CSP: frozen CLIP, learned attribute and object token vectors in 'a photo of [a] [o]'."
-    defaults = {"template": "a photo of x x", "attr_dropout": 0.3}
+    Params = CSPParams
     cache_image_features = True
 
     def __init__(self, backbone, space, **hparams):

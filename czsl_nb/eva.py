@@ -4,17 +4,19 @@
 
 # %% ../nbs/23_eva.ipynb #267a8d30
 from __future__ import annotations
+from dataclasses import dataclass
+from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
 from .backbone import CLIPBackbone
 from .core import register
-from .methods import CZSLMethod
+from .methods import CZSLMethod, Params, hparam
 from .moe_lora import TOWERS, add_moe_lora
 from .prompts import ContextPrompt, PrimitiveVocabulary
 
 # %% auto #0
-__all__ = ['max_over_pairs', 'primitive_logits', 'select_variants', 'parse_towers', 'EVA']
+__all__ = ['max_over_pairs', 'primitive_logits', 'select_variants', 'EVAParams', 'parse_towers', 'EVA']
 
 # %% ../nbs/23_eva.ipynb #8e1fb5bd
 def max_over_pairs(pair_scores: torch.Tensor,  # [B, P] scores of the compositions
@@ -39,6 +41,33 @@ def select_variants(variants: torch.Tensor,  # [B, V, D] normalised image varian
     affinity = torch.einsum("bvd,bd->bv", variants, text) + alpha * torch.einsum("bvd,bd->bv", variants, image)
     return variants[torch.arange(len(variants)), affinity.argmax(1)]
 
+# %% ../nbs/23_eva.ipynb #bb657e51
+@dataclass
+class EVAParams(Params):
+    "EVA's hyper-parameters: the paper's values where it states them (β, the experts), else ours."
+    use_experts: bool = hparam(True, "MoE-LoRA domain experts in CLIP's towers (paper); False: no adapter")
+    use_variants: bool = hparam(True, "semantic variant alignment: λ1, λ2 terms, β at inference (paper); False: off")
+    towers: Literal["image", "text", "image+text"] = hparam("image+text", "the towers that get experts (paper: both)")
+    n_shared: int = hparam(1, "shared experts E_0 per block (paper: 1 + 8 is best)", range="[0, inf)")
+    n_routed: int = hparam(8, "N_e, routed experts per block (paper)", range="[0, inf)")
+    top_k: int = hparam(2, "K, routed experts each token uses (ours)", range="[1, inf)")
+    rank: int = hparam(8, "r, LoRA rank of every expert (ours)", range="[1, inf)")
+    lora_alpha: float = hparam(16.0, "LoRA scale: an expert adds (lora_alpha / r) B A h (ours)", range="(0, inf)")
+    moe_layers: int = hparam(0, "experts in the last n blocks of each tower; 0 = every block (paper)", range="[0, inf)")
+    balance_weight: float = hparam(0.0, "w of the load-balancing loss w L_bal; 0 = off (paper: off)", range="[0, inf)")
+    lambda_primitive: float = hparam(1.0, "λ1, weight of L_s + L_o, text-to-image alignment (ours)", range="[0, inf)")
+    lambda_variant: float = hparam(0.5, "λ2, weight of L^v_s + L^v_o, image-to-text alignment (ours)", range="[0, inf)")
+    alpha: float = hparam(1.0, "α, weight of the intra-modal affinity V f_c in A_S (ours)", range="[0, inf)")
+    beta: float = hparam(0.5, "β, weight of p_s + p_o in the inference score (paper)", range="[0, inf)")
+    ctx_init: str = hparam("a photo of", "initial words of the prompts' learnable contexts (paper's prompt)")
+    attr_dropout: float = hparam(0.3, "dropout on the shared vocabulary θ_vocab (CSP's value)", range="[0, 1)")
+
+    def check(self):
+        if not self.use_experts: return
+        if self.n_shared + self.n_routed == 0: raise ValueError("use_experts=True needs n_shared + n_routed >= 1")
+        if self.n_routed and self.top_k > self.n_routed:
+            raise ValueError(f"top_k={self.top_k} must be <= n_routed={self.n_routed}")
+
 # %% ../nbs/23_eva.ipynb #265e8eb3
 def parse_towers(towers: str) -> tuple[str, ...]:
     "'image', 'text' or 'image+text' -> the tower names."
@@ -51,10 +80,7 @@ def parse_towers(towers: str) -> tuple[str, ...]:
 @register("eva")
 class EVA(CZSLMethod):
     "EVA: MoE-LoRA experts in CLIP, composition prompts, and text-to-image / image-to-text variant alignment."
-    defaults = {"use_experts": True, "use_variants": True, "towers": "image+text", "n_shared": 1, "n_routed": 8,
-                "top_k": 2, "rank": 8, "lora_alpha": 16.0, "moe_layers": 0, "balance_weight": 0.0,
-                "lambda_primitive": 1.0, "lambda_variant": 0.5, "alpha": 1.0, "beta": 0.5,
-                "ctx_init": "a photo of", "attr_dropout": 0.3}
+    Params = EVAParams
 
     def __init__(self, backbone, space, **hparams):
         super().__init__(backbone, space, **hparams)
@@ -69,7 +95,7 @@ class EVA(CZSLMethod):
             self.log_tau_obj = nn.Parameter(backbone.logit_scale.detach().clone().float())
         self.adapter = None
         if hp["use_experts"]:
-            layers = None if hp["moe_layers"] == 0 else range(-int(hp["moe_layers"]), 0)
+            layers = None if hp["moe_layers"] == 0 else range(-hp["moe_layers"], 0)
             self.adapter = add_moe_lora(backbone, parse_towers(hp["towers"]), layers, hp["n_routed"], hp["n_shared"],
                                         hp["top_k"], hp["rank"], hp["lora_alpha"])
         self.image_adapted = self.adapter is not None and "image" in self.adapter.towers

@@ -5,9 +5,9 @@
 # %% ../nbs/30_learner.ipynb #6527d4bb
 from __future__ import annotations
 import json, math, os, re, subprocess, time
-from dataclasses import dataclass, field, asdict, fields
+from dataclasses import dataclass, asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,20 +15,38 @@ import yaml
 from accelerate import Accelerator, notebook_launcher
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from .core import get_method, list_methods, project_root, runs_dir, seed_everything
+from .core import get_method, list_methods, project_root, read_params_file, runs_dir, seed_everything
 from .data import CompositionData, CompositionSplit, SPLITS, clean_name
 from .metrics import evaluate, plot_curve, feasibility_scores, calibrate_feasibility, apply_feasibility
 from .backbone import CLIPBackbone, tiny_backbone
 from .mini_clip import load_backbone
 from .synthetic import synthetic_world
-from .methods import CZSLMethod, LabelSpace
+from .methods import CZSLMethod, LabelSpace, Params, default_values, hparam, valid_values
 from .prompts import encode_prompts
 
 # %% auto #0
-__all__ = ['DEVICES', 'PRECISIONS', 'RUN_FILES', 'RESULT_KEYS', 'probe_method_values', 'TrainConfig', 'git_commit', 'run_params',
+__all__ = ['LR_SCHEDULES', 'DEVICES', 'PRECISIONS', 'OPTIMIZERS', 'FEASIBILITY_MODES', 'RUN_FILES', 'RESULT_KEYS', 'lr_factor',
+           'probe_method_values', 'TrainConfig', 'git_commit', 'provenance', 'run_params', 'read_run_params',
            'check_run_dir', 'prepare_run_dir', 'FeatureSplit', 'EpochShuffle', 'PartnerSplit', 'resolve_dataset',
-           'split_labels', 'Learner', 'split_parameters', 'launch', 'load_run', 'run_variant', 'collect_runs',
-           'summarize_runs', 'train_cli']
+           'split_labels', 'Learner', 'split_parameters', 'resolve_parameters', 'launch', 'load_run', 'run_variant',
+           'collect_runs', 'summarize_runs', 'method_parameter_fields', 'parameters_cell', 'notebook_parameters',
+           'read_parameter_file', 'cli_parameters', 'train_cli']
+
+# %% ../nbs/30_learner.ipynb #f961d66c
+LR_SCHEDULES: dict[str, Callable[[float, "TrainConfig"], float]] = {
+    "constant": lambda epoch, cfg: 1.0,
+    "step": lambda epoch, cfg: cfg.lr_gamma ** (int(epoch) // cfg.lr_step_size),
+    "multistep": lambda epoch, cfg: cfg.lr_gamma ** sum(int(epoch) >= m for m in cfg.lr_milestones),
+    "cosine": lambda epoch, cfg: 0.5 * (1 + math.cos(math.pi * min(epoch / max(cfg.epochs, 1), 1.0))),
+}
+
+def lr_factor(cfg: "TrainConfig", steps_per_epoch: int) -> Callable[[int], float]:
+    "The multiplier of every group's lr after `step` optimiser steps: the schedule at that fractional epoch, times the warm-up."
+    schedule, warmup_steps = LR_SCHEDULES[cfg.lr_schedule], cfg.warmup_epochs * steps_per_epoch
+    def factor(step: int) -> float:
+        warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        return warmup * schedule(step / steps_per_epoch, cfg)
+    return factor
 
 # %% ../nbs/30_learner.ipynb #695ec289
 def probe_method_values(method: str, hparams: dict) -> None:
@@ -46,55 +64,72 @@ def probe_method_values(method: str, hparams: dict) -> None:
     finally: torch.set_num_threads(threads)
 
 DEVICES = ("cpu", "cuda", "auto")  # auto: cuda when available
-PRECISIONS = ("no", "fp16", "bf16")
+PRECISIONS = ("no", "fp16", "bf16")  # Accelerate's mixed_precision values
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+FEASIBILITY_MODES = ("multiply", "mask")
+
+def _check_backbone_name(name: str) -> None:
+    "The backbone must be the shipped mini-CLIP, an open_clip model name or an open_clip config JSON file."
+    import open_clip
+    if name == "mini-clip" or name in open_clip.list_models(): return
+    if name.endswith(".json") and Path(name).expanduser().is_file(): return
+    raise ValueError(f"parameter backbone={name!r}: not 'mini-clip', an open_clip model name "
+                     "(open_clip.list_models(), e.g. ViT-L-14) or an existing open_clip config JSON file")
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Params):
     "Everything a run needs besides the method's own hyper-parameters."
-    method: str = "csp"  # a registered method: czsl_nb.list_methods()
-    dataset: str = "synthetic"  # "synthetic" (the embedded world) or the root of a dataset in the standard layout
-    backbone: str = "mini-clip"  # "mini-clip" (shipped), an open_clip model name, or an open_clip config JSON
-    pretrained: str = ""  # "" = the backbone's default (shipped weights for mini-clip, none otherwise), a tag, or a file
-    epochs: int = 10
-    lr: float = 1e-3  # Adam; CSP on the synthetic world with the mini-CLIP: best of 5e-5..2e-3 on validation AUC
-    weight_decay: float = 1e-5
-    batch_size: int = 128
-    grad_accum: int = 1  # gradient accumulation steps
-    eval_batch_size: int = 256
-    seed: int = 0
-    device: str = "cpu"  # cpu, cuda or auto
-    precision: str = "no"  # mixed precision on CUDA: no, fp16, bf16
-    num_processes: int = 1  # >1 launches data-parallel processes (gloo on CPU, NCCL on GPUs)
-    num_workers: int = 0  # DataLoader workers for image loading
-    run: str = ""  # run folder name under runs/ ("" = <method>-<dataset>-s<seed>)
-    resume: bool = False  # continue a killed run from its last checkpoint
-    open_world: bool = False  # also test in the open world, with feasibility calibrated on validation
-    feasibility_mode: str = "multiply"  # how infeasible pairs are suppressed: multiply (CSP) or mask
+    label = "parameter "  # errors read "parameter epochs=-2: out of range; valid: [0, inf)"
+    method: str = hparam("csp", "a registered method: czsl_nb.list_methods()")
+    dataset: str = hparam("synthetic", "'synthetic' (the embedded world) or a dataset root in the standard CZSL layout")
+    backbone: str = hparam("mini-clip", "'mini-clip' (shipped), an open_clip model name (e.g. ViT-L-14) or a config JSON")
+    pretrained: str = hparam("", "empty: the backbone's default; an open_clip tag (e.g. openai) or a local checkpoint file")
+    epochs: int = hparam(10, "training epochs; 0 evaluates the untrained method", range="[0, inf)")
+    optimizer: Literal[tuple(OPTIMIZERS)] = hparam("adam", "adam (the papers' choice) or adamw")
+    lr: float = hparam(1e-3, "learning rate of the main parameter group (a method may add groups)", range="(0, inf)")
+    weight_decay: float = hparam(1e-5, "weight decay of every parameter group", range="[0, inf)")
+    lr_schedule: Literal[tuple(LR_SCHEDULES)] = hparam("constant", "how the lr changes over epochs (see lr_factor)")
+    lr_step_size: int = hparam(5, "step: the lr is multiplied by lr_gamma every this many epochs", range="[1, inf)")
+    lr_gamma: float = hparam(0.1, "step, multistep: the factor of each lr drop", range="(0, 1]")
+    lr_milestones: list[int] = hparam([], "multistep: epochs after which the lr drops by lr_gamma", range="[1, inf)")
+    warmup_epochs: float = hparam(0.0, "linear warm-up from 0 to the scheduled lr over this many epochs", range="[0, inf)")
+    batch_size: int = hparam(128, "training images per batch and process", range="[1, inf)")
+    grad_accum: int = hparam(1, "gradient accumulation steps (one optimiser step per this many batches)", range="[1, inf)")
+    eval_batch_size: int = hparam(256, "images per batch when encoding and scoring", range="[1, inf)")
+    seed: int = hparam(0, "seeds initialisation, data order and every epoch's randomness", range="[0, inf)")
+    device: Literal[DEVICES] = hparam("cpu", "cpu, cuda, or auto (cuda when available)")
+    precision: Literal[PRECISIONS] = hparam("no", "mixed precision on CUDA: no, fp16 or bf16")
+    num_processes: int = hparam(1, ">1 launches data-parallel processes (gloo on CPU, NCCL on GPUs)", range="[1, inf)")
+    num_workers: int = hparam(0, "DataLoader workers for image loading", range="[0, inf)")
+    run: str = hparam("", "run folder under runs/ (empty: <method>-<dataset>-s<seed>)")
+    resume: bool = hparam(False, "continue a killed run from its last checkpoint")
+    open_world: bool = hparam(False, "also test in the open world (feasibility threshold picked on validation AUC)")
+    feasibility_mode: Literal[FEASIBILITY_MODES] = hparam("multiply", "how infeasible pairs are suppressed: multiply (CSP) or mask")
 
-    def validate(self, method_params: dict | None = None, probe_method: bool = True) -> dict:
-        "Raise on any impossible value; return the method's resolved hyper-parameters (values checked by a probe build)."
+    def check(self) -> None:
+        if self.run and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", self.run):
+            raise ValueError(f"parameter run={self.run!r}: a folder name: letters, digits and . _ = + - (no slashes or spaces)")
+        if (self.lr_schedule == "multistep") != bool(self.lr_milestones):
+            raise ValueError(f"parameter lr_milestones={self.lr_milestones!r}: lr_schedule='multistep' needs milestones "
+                             f"and the other schedules take none (lr_schedule={self.lr_schedule!r})")
+        if self.lr_milestones != sorted(set(self.lr_milestones)):
+            raise ValueError(f"parameter lr_milestones={self.lr_milestones!r}: must increase strictly")
+
+    def validate(self, method_params: dict | None = None, probe_method: bool = True, check_paths: bool = True) -> dict:
+        "Checks against this machine and the registry; returns the method's resolved hyper-parameters (a probe build checks their values)."
         def bad(name, why): raise ValueError(f"parameter {name}={getattr(self, name)!r}: {why}")
         if self.method not in list_methods(): bad("method", f"unknown method; valid: {', '.join(list_methods())}")
-        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "num_processes", "num_workers", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool): bad(name, "must be an integer")
-            if value < (0 if name in ("epochs", "num_workers", "seed") else 1): bad(name, "out of range")
-        for name in ("lr", "weight_decay"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                bad(name, "must be a finite positive number" if name == "lr" else "must be a finite number >= 0")
-        if self.device not in DEVICES: bad("device", f"valid: {', '.join(DEVICES)}")
         if self.device == "cuda" and not torch.cuda.is_available(): bad("device", "CUDA is not available on this machine; use cpu")
-        if self.precision not in PRECISIONS: bad("precision", f"valid: {', '.join(PRECISIONS)}")
         if self.precision != "no" and not self.uses_cuda: bad("precision", "mixed precision needs a CUDA device; use no on CPU")
-        if self.feasibility_mode not in ("multiply", "mask"): bad("feasibility_mode", "valid: multiply, mask")
-        for name in ("resume", "open_world"):
-            if not isinstance(getattr(self, name), bool): bad(name, "must be True or False")
-        if self.run and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", self.run):
-            bad("run", "a folder name: letters, digits and . _ = + - (no slashes or spaces)")
-        if self.dataset != "synthetic" and not Path(self.dataset).expanduser().is_dir():
+        _check_backbone_name(self.backbone)
+        if check_paths and self.dataset != "synthetic" and not Path(self.dataset).expanduser().is_dir():
             bad("dataset", "not 'synthetic' and not an existing folder (a dataset root in the standard CZSL layout)")
-        hparams = get_method(self.method).resolve_hparams(method_params or {})
+        method = get_method(self.method)
+        hparams = method.resolve_hparams(method_params or {})
+        needed = method.min_epochs(hparams)
+        if method.trainable and 0 < self.epochs < needed:
+            bad("epochs", f"method {self.method!r} with these hyper-parameters trains its full model only after {needed} "
+                          "epochs (its early epochs train a part); use at least that, or 0 to evaluate only")
         if probe_method: probe_method_values(self.method, hparams)
         return hparams
 
@@ -107,22 +142,36 @@ class TrainConfig:
         return self.run or f"{self.method}-{dataset}-s{self.seed}"
 
 # %% ../nbs/30_learner.ipynb #594f23ff
-RUN_FILES = dict(params="params.yaml", metrics="metrics.json", history="history.json", last="checkpoint_last.pt",
-                 best="checkpoint_best.pt", loss_curve="loss_curve.png", scores="test_scores.npz")
+RUN_FILES = dict(params="params.yaml", provenance="provenance.yaml", metrics="metrics.json", history="history.json",
+                 last="checkpoint_last.pt", best="checkpoint_best.pt", loss_curve="loss_curve.png", scores="test_scores.npz")
 
 def git_commit() -> str | None:
     "The checkout's HEAD commit (with `-dirty` when tracked files changed), or None outside a checkout."
     root = project_root()
     if root is None: return None
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    try: sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError): return None
     return (sha + ("-dirty" if dirty else "")) or None
 
-def run_params(cfg: TrainConfig, method_params: dict) -> dict:
-    "What params.yaml records: every TrainConfig field and the method's resolved hyper-parameters."
-    return {**asdict(cfg), "method_params": cfg.validate(method_params)}
+def provenance() -> dict:
+    "Where a run comes from: the commit, the packages that shape its numbers, the machine."
+    import importlib.metadata, platform
+    def version(package):
+        try: return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError: return None
+    packages = ("czsl_nb", "torch", "open_clip_torch", "accelerate", "peft", "numpy")
+    return {"git_commit": git_commit(), "versions": {p: version(p) for p in packages}, "python": platform.python_version(),
+            "platform": platform.platform(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+def run_params(cfg: TrainConfig, method_params: dict, check_paths: bool = True) -> dict:
+    "What params.yaml records: every TrainConfig field and the method's resolved hyper-parameters, side by side."
+    return {**asdict(cfg), **cfg.validate(method_params, check_paths=check_paths)}
+
+def read_run_params(run_dir: str | Path) -> dict:
+    "A run's parameters, flat; fields TrainConfig gained since the run was written take the defaults that reproduce it."
+    return {**default_values(TrainConfig), **read_params_file(Path(run_dir) / RUN_FILES["params"])}
 
 def check_run_dir(cfg: TrainConfig, root: Path | None = None) -> Path:
     "`runs/<run>` if this config may write there: refuse a finished run, and an unfinished one unless resuming."
@@ -138,7 +187,7 @@ def prepare_run_dir(cfg: TrainConfig, params: dict, root: Path | None = None) ->
     run_dir = check_run_dir(cfg, root)
     params_file = run_dir / RUN_FILES["params"]
     if params_file.exists():
-        old = yaml.safe_load(params_file.read_text())
+        old = read_run_params(run_dir)
         changed = {k for k in params if k not in ("resume",) and old.get(k) != params[k]}
         if changed:
             raise ValueError(f"{params_file}: cannot resume with changed parameters {sorted(changed)}; "
@@ -146,6 +195,7 @@ def prepare_run_dir(cfg: TrainConfig, params: dict, root: Path | None = None) ->
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        (run_dir / RUN_FILES["provenance"]).write_text(yaml.safe_dump(provenance(), sort_keys=False))
     return run_dir
 
 # %% ../nbs/30_learner.ipynb #3846d7ff
@@ -279,19 +329,21 @@ class Learner:
 
     # -- training -----------------------------------------------------------------------------
     def fit(self) -> dict:
-        "Train (resuming if asked), select the best epoch on validation AUC, test it, write metrics.json."
+        "Train (resuming if asked), select the best selectable epoch on validation AUC, test it, write metrics.json."
         cfg, acc = self.cfg, self.acc
         trainable = self.method.trainable and cfg.epochs > 0
         start, best = 0, {"epoch": 0, "auc": -1.0}
         self.acc.unwrap_model(self.method).on_fit_start(self)
         if trainable:
-            opt = torch.optim.Adam(self.method.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr)
+            opt = OPTIMIZERS[cfg.optimizer](self.method.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr)
             model, opt, train_loader = acc.prepare(self.method, opt, self.loaders["train"])
+            # stepped by hand after each real optimiser step: Accelerate's wrapper would step it once per process
+            schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, math.ceil(len(train_loader) / cfg.grad_accum)))
             last = self.run_dir / RUN_FILES["last"]
             if cfg.resume and last.exists():
                 state = torch.load(last, map_location="cpu", weights_only=True)
                 acc.unwrap_model(model).load_trainable_state_dict(state["method"])
-                opt.load_state_dict(state["optimizer"])
+                opt.load_state_dict(state["optimizer"]); schedule.load_state_dict(state["schedule"])
                 start, best, self.history = state["epoch"], state["best"], state["history"]
                 acc.print(f"resumed {self.run_dir.name} after epoch {start}")
             for epoch in range(start + 1, cfg.epochs + 1):
@@ -300,18 +352,25 @@ class Learner:
                 # at every __iter__, and that counter restarts at 0 in a resumed run
                 train_loader.set_epoch(epoch)
                 if isinstance(self.loaders["train"].dataset, PartnerSplit): self.loaders["train"].dataset.set_epoch(epoch)
-                acc.unwrap_model(model).on_epoch_start(epoch, cfg.epochs)
-                losses = self._train_epoch(model, opt, train_loader, epoch)
+                method = acc.unwrap_model(model)
+                method.on_epoch_start(epoch, cfg.epochs)
+                lr = opt.param_groups[0]["lr"]
+                losses = self._train_epoch(model, opt, schedule, train_loader, epoch)
                 val = self.evaluate("val")
-                self.history.append({"epoch": epoch, **losses, "val_auc": val["auc"], "val_best_hm": val["best_hm"]})
-                if val["auc"] > best["auc"]:
+                self.history.append({"epoch": epoch, "lr": lr, **losses, "val_auc": val["auc"], "val_best_hm": val["best_hm"],
+                                     "selectable": method.selectable})
+                if method.selectable and val["auc"] > best["auc"]:  # an early stage's model is never the answer
                     best = {"epoch": epoch, "auc": val["auc"]}
-                    if acc.is_main_process: torch.save(acc.unwrap_model(model).trainable_state_dict(), self.run_dir / RUN_FILES["best"])
+                    if acc.is_main_process: torch.save(method.trainable_state_dict(), self.run_dir / RUN_FILES["best"])
                 if acc.is_main_process:
-                    torch.save({"method": acc.unwrap_model(model).trainable_state_dict(), "optimizer": opt.state_dict(),
-                                "epoch": epoch, "best": best, "history": self.history}, self.run_dir / RUN_FILES["last"])
-                acc.print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.history[-1].items() if k != "epoch"))
+                    torch.save({"method": method.trainable_state_dict(), "optimizer": opt.state_dict(),
+                                "schedule": schedule.state_dict(), "epoch": epoch, "best": best, "history": self.history},
+                               self.run_dir / RUN_FILES["last"])
+                acc.print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.history[-1].items()
+                                                         if k not in ("epoch", "selectable")))
                 acc.wait_for_everyone()
+            if best["epoch"] == 0:
+                raise RuntimeError(f"no epoch of {cfg.epochs} trained the full model of {cfg.method!r}, so none can be selected")
             best_state = torch.load(self.run_dir / RUN_FILES["best"], map_location="cpu", weights_only=True)
             self.method.load_trainable_state_dict(best_state)
         self.method.on_fit_end(self)
@@ -320,7 +379,7 @@ class Learner:
             torch.save(self.method.trainable_state_dict(), self.run_dir / RUN_FILES["best"])
         return self.test(best["epoch"])
 
-    def _train_epoch(self, model, opt, loader, epoch: int) -> dict[str, float]:
+    def _train_epoch(self, model, opt, schedule, loader, epoch: int) -> dict[str, float]:
         model.train()
         sums: dict[str, float] = {}
         n = 0
@@ -330,6 +389,7 @@ class Learner:
                 loss = sum(terms.values())
                 self.acc.backward(loss)
                 opt.step(); opt.zero_grad()
+                if self.acc.sync_gradients: schedule.step()  # one schedule step per real optimiser step
             for k, v in {**terms, "loss": loss}.items(): sums[k] = sums.get(k, 0.0) + float(v.detach())
             n += 1
         return {k: v / max(n, 1) for k, v in sums.items()}
@@ -421,6 +481,11 @@ def split_parameters(values: dict, method: str) -> tuple[dict, dict]:
                          f"hyper-parameters of {method!r}: {', '.join(sorted(method_names)) or '(none)'}")
     return ({k: v for k, v in values.items() if k in run_names}, {k: v for k, v in values.items() if k in method_names})
 
+def resolve_parameters(values: dict) -> tuple[TrainConfig, dict]:
+    "A checked TrainConfig and the method's hyper-parameters from one flat dict of values (unset names keep their defaults)."
+    run_values, method_params = split_parameters(values, values.get("method", TrainConfig.method))
+    return TrainConfig(**run_values), method_params
+
 def _train_worker(cfg: TrainConfig, run_dir: Path, method_params: dict) -> None:
     Learner(cfg, run_dir, method_params).fit()
 
@@ -441,11 +506,10 @@ def load_run(run: str | Path, checkpoint: str = "best", **overrides) -> Learner:
     params_file = run_dir / RUN_FILES["params"]
     if not params_file.is_file(): raise FileNotFoundError(f"{params_file}: not a run folder (no params.yaml)")
     if checkpoint not in ("best", "last"): raise ValueError(f"checkpoint={checkpoint!r}; valid: best, last")
-    params = yaml.safe_load(params_file.read_text())
-    method_params = params.pop("method_params")
-    learner = Learner(TrainConfig(**{**params, **overrides}), run_dir, method_params)
+    cfg, method_params = resolve_parameters({**read_run_params(run_dir), **overrides})
+    learner = Learner(cfg, run_dir, method_params)
     path = run_dir / RUN_FILES[checkpoint]
-    if learner.method.trainable and (params["epochs"] > 0 or path.is_file()):  # a 0-epoch run saves what its hooks set
+    if learner.method.trainable and (cfg.epochs > 0 or path.is_file()):  # a 0-epoch run saves what its hooks set
         if not path.is_file(): raise FileNotFoundError(f"{path}: no {checkpoint} checkpoint in this run")
         state = torch.load(path, map_location="cpu", weights_only=True)
         learner.method.load_trainable_state_dict(state["method"] if checkpoint == "last" else state)
@@ -466,7 +530,7 @@ def collect_runs(root: str | Path | None = None) -> "pd.DataFrame":
     rows = []
     for path in sorted(Path(root or runs_dir()).glob(f"*/{RUN_FILES['metrics']}")):
         m = json.loads(path.read_text())
-        params = yaml.safe_load((path.parent / RUN_FILES["params"]).read_text()) if (path.parent / RUN_FILES["params"]).exists() else {}
+        params = read_run_params(path.parent) if (path.parent / RUN_FILES["params"]).exists() else {}
         dataset = m.get("dataset", "")
         for world, res in m["test"].items():
             rows.append({"run": path.parent.name, "method": m.get("method"), "variant": run_variant(path.parent.name, m.get("method"), dataset),
@@ -488,21 +552,107 @@ def summarize_runs(table: "pd.DataFrame", keys=("auc", "best_hm", "attr_acc", "o
 
 
 # %% ../nbs/30_learner.ipynb #ec29a78a
+def method_parameter_fields() -> dict[str, list[tuple[str, Any, Any]]]:
+    "Each method hyper-parameter name -> [(method, dataclass field, type)] over the registered methods."
+    found: dict[str, list] = {}
+    for name in list_methods():
+        params = get_method(name).Params
+        kinds = get_type_hints(params)
+        for f in fields(params): found.setdefault(f.name, []).append((name, f, kinds[f.name]))
+    return found
+
+def _plain_type(kind) -> str:
+    if get_origin(kind) is Literal: return type(get_args(kind)[0]).__name__
+    return "list" if get_origin(kind) is list else kind.__name__
+
+def _meaning(params: type, f) -> str:
+    valid = valid_values(params, f.name)
+    return f.metadata["help"] + ("" if valid == "any" else f"; valid: {valid}")
+
+def _parameter_line(code: str, comment: str, width: int = 120) -> str:
+    line = f"{code}  # {comment}"
+    return line if len(line) <= width else line[:width - 3] + "..."
+
+def parameters_cell() -> str:
+    "The source of nbs/train.ipynb's `parameters` cell, from TrainConfig and every registered method's Params."
+    kinds, defaults = get_type_hints(TrainConfig), default_values(TrainConfig)
+    lines = ["# generated from TrainConfig and each method's Params by czsl_nb.learner.parameters_cell():",
+             "# edit those, then run `python tools/sync_train_parameters.py`",
+             "from typing import Optional",
+             'globals()["_kernel_names"] = set(globals())  # internal: what the kernel held before the parameters',
+             "# run-level parameters (TrainConfig)"]
+    lines += [_parameter_line(f"{f.name}: {_plain_type(kinds[f.name])} = {defaults[f.name]!r}", _meaning(TrainConfig, f))
+              for f in fields(TrainConfig)]
+    lines.append("# method hyper-parameters: None keeps the method's default (each method's notebook has the table)")
+    for name, uses in sorted(method_parameter_fields().items()):
+        helps = {_meaning(get_method(m).Params, f) for m, f, _ in uses}
+        types = {_plain_type(k) for _, _, k in uses}
+        meaning = helps.pop() if len(helps) == 1 else "see each method's table"
+        kind = types.pop() if len(types) == 1 else "object"
+        lines.append(_parameter_line(f"{name}: Optional[{kind}] = None", f"{'/'.join(m for m, _, _ in uses)}: {meaning}"))
+    return "\n".join(lines)
+
+def notebook_parameters(namespace: dict) -> tuple[TrainConfig, dict]:
+    "The run config and method hyper-parameters in a train notebook's globals, after papermill injected its values."
+    method_names = method_parameter_fields()
+    known = {f.name for f in fields(TrainConfig)} | set(method_names)
+    kernel = namespace.get("_kernel_names", set())
+    unknown = [k for k in namespace if k not in known and k not in kernel and not k.startswith("_")]
+    values = {f.name: namespace[f.name] for f in fields(TrainConfig) if f.name in namespace}
+    values.update({k: namespace[k] for k in [*method_names, *unknown] if namespace.get(k) is not None})
+    return resolve_parameters(values)  # an unknown name fails here, listing the valid ones
+
+# %% ../nbs/30_learner.ipynb #519296d4
+def read_parameter_file(path: str | Path) -> dict:
+    "A YAML recipe or a run's params.yaml as flat parameter values, read as papermill's `-f` reads it."
+    from papermill.iorw import NoDatesSafeLoader
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"parameter file {path} not found")
+    try: values = yaml.load(path.read_text(), Loader=NoDatesSafeLoader) or {}
+    except yaml.YAMLError as e: raise ValueError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(values, dict) or "method_params" in values:
+        raise ValueError(f"{path}: expected flat 'name: value' lines (a run written before flat params.yaml: "
+                         "czsl_nb.core.read_params_file converts it)")
+    return values
+
 def _papermill_value(text: str):
     "Parse a `-p` value the way papermill's command line does."
     from papermill.cli import _resolve_type
     return _resolve_type(text)
 
+def cli_parameters(files: list[str], pairs: list[tuple[str, str]]) -> tuple[dict, TrainConfig, dict]:
+    "Merge `-f` files (in order) and `-p` pairs (last); return the values, the checked config and hyper-parameters."
+    values, source = {}, {}
+    for path in files:
+        file_values = read_parameter_file(path)
+        values.update(file_values); source.update(dict.fromkeys(file_values, str(path)))
+    for name, text in pairs: values[name] = _papermill_value(text); source[name] = "-p"
+    try:
+        cfg, method_params = resolve_parameters(values)
+        cfg.validate(method_params, check_paths=False)
+    except ValueError as e:
+        names = [n for n in re.findall(r"(\w+)=", str(e)) if n in source]
+        raise ValueError(f"{e} (set by {source[names[0]]})" if names else str(e)) from None
+    return values, cfg, method_params
+
 def train_cli(argv: list[str] | None = None) -> None:
-    "Console entry point `czsl-train -p NAME VALUE ...`: papermill nbs/train.ipynb into runs/<run>/, never overwriting."
+    "Console entry point `czsl-train [-f FILE ...] [-p NAME VALUE ...] [--check]`: papermill nbs/train.ipynb into runs/<run>/."
     import argparse, papermill
     parser = argparse.ArgumentParser(description="Train and evaluate a CZSL method through nbs/train.ipynb (papermill).")
-    parser.add_argument("-p", "--parameters", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    parser.add_argument("-f", "--parameters_file", action="append", default=[], metavar="FILE",
+                        help="YAML recipe (configs/<method>/<benchmark>.yaml) or a run's params.yaml; later files win")
+    parser.add_argument("-p", "--parameters", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="one parameter; overrides every file")
+    parser.add_argument("--check", action="store_true", help="validate and print the resolved parameters; run nothing")
     args = parser.parse_args(argv)
-    values = {name: _papermill_value(value) for name, value in args.parameters}
-    run_values, method_params = split_parameters(values, values.get("method", TrainConfig.method))
-    cfg = TrainConfig(**run_values)
-    cfg.validate(method_params)
+    values, cfg, method_params = cli_parameters(args.parameters_file, args.parameters)
+    if args.check:
+        print(yaml.safe_dump(run_params(cfg, method_params, check_paths=False), sort_keys=False), end="")
+        if cfg.dataset != "synthetic" and not Path(cfg.dataset).expanduser().is_dir():
+            print(f"# note: dataset {cfg.dataset} is not on this machine; training needs it there")
+        print(f"# ok: {cfg.method} on {cfg.dataset} as run {cfg.run_name}")
+        return
+    cfg.validate(method_params)  # the dataset folder too, now that it will be read
     root = project_root()
     if root is None or not (root / "nbs" / "train.ipynb").is_file():
         raise FileNotFoundError("czsl-train runs nbs/train.ipynb from a czsl_nb checkout; run it inside the repository")

@@ -4,32 +4,46 @@
 
 # %% ../nbs/26_sepfusion.ipynb #5223cdc0
 from __future__ import annotations
+from dataclasses import dataclass
+from typing import Literal
 import torch
 import torch.nn.functional as F
 from .core import register
-from .methods import CZSLMethod, composed_probability
-from .fusion import FUSION_ORDERS, ModalFusionSynthesizer, SeparatedPrompts
+from .methods import CZSLMethod, Params, composed_probability, hparam
+from .fusion import FUSION_ORDERS, PROMPT_KINDS, ModalFusionSynthesizer, SeparatedPrompts
 
 # %% auto #0
-__all__ = ['SepFusion']
+__all__ = ['SepFusionParams', 'SepFusion']
+
+# %% ../nbs/26_sepfusion.ipynb #bea2bf06
+@dataclass
+class SepFusionParams(Params):
+    "Separated fusion's hyper-parameters: the paper's ablation switches, and our values where it gives none."
+    pair_prompt: Literal[PROMPT_KINDS] = hparam("hard", "the pair prompt: fixed words or a learned context (paper)")
+    state_prompt: Literal[PROMPT_KINDS] = hparam("soft", "the state prompt (paper: soft)")
+    object_prompt: Literal[PROMPT_KINDS] = hparam("soft", "the object prompt (paper: soft)")
+    fusion: Literal[tuple(FUSION_ORDERS)] = hparam("inter_intra", "the MFSB's stages, in order (paper: inter → intra)")
+    context: str = hparam("a photo of", "the hard prompts' words; the soft contexts' initial words (ours)")
+    attr_dropout: float = hparam(0.3, "dropout on the shared soft vocabulary θ_vocab (CSP's value)", range="[0, 1)")
+    state_weight: float = hparam(1.0, "α, weight of the state loss CE(z^s, y_a) (ours; unstated)", range="[0, inf)")
+    object_weight: float = hparam(1.0, "β, weight of the object loss CE(z^o, y_o) (ours)", range="[0, inf)")
+    comp_weight: float = hparam(0.0, "γ, weight of the composed-probability loss; 0 = off (ours)", range="[0, inf)")
+    primitive_score_weight: float = hparam(1.0, "w in p_pair + w p_s p_o at inference (Troika's rule; ours)",
+                                           range="[0, inf)")
+    fusion_heads: int = hparam(0, "attention heads of each MFSB layer; 0 = D/64 (ours)", range="[0, inf)")
+    fusion_ffn_ratio: float = hparam(4.0, "FFN width / D of each MFSB layer; 0 = no FFN (ours)", range="[0, inf)")
+    fusion_gate_init: float = hparam(0.1, "λ, initial gate of each MFSB layer's residual (ours)", range="[0, inf)")
 
 # %% ../nbs/26_sepfusion.ipynb #dd776a9d
 @register("sepfusion")
 class SepFusion(CZSLMethod):
     "Separated hard/soft pair, state and object prompts, fused with the image tokens by the MFSB (frozen CLIP)."
-    defaults = {"pair_prompt": "hard", "state_prompt": "soft", "object_prompt": "soft",  # "hard" | "soft" each
-                "fusion": "inter_intra",  # none | inter | intra | inter_intra | intra_inter
-                "context": "a photo of",  # hard prompts' words; soft contexts' initialisation (ours)
-                "attr_dropout": 0.3,  # dropout on the shared soft vocabulary (CSP's value)
-                "state_weight": 1.0, "object_weight": 1.0, "comp_weight": 0.0,  # α, β, γ (ours; unstated)
-                "primitive_score_weight": 1.0,  # w in p_pair + w p_s p_o at inference (ours)
-                "fusion_heads": 0, "fusion_ffn_ratio": 4.0, "fusion_gate_init": 0.1}  # MFSB layers (ours); heads 0 = D/64
+    Params = SepFusionParams
     cache_image_features = True
 
     def __init__(self, backbone, space, **hparams):
         super().__init__(backbone, space, **hparams)
         hp = self.hparams
-        if hp["fusion"] not in FUSION_ORDERS: raise ValueError(f"unknown fusion {hp['fusion']!r}; choose one of {list(FUSION_ORDERS)}")
         self.backbone.freeze("all")
         self.register_buffer("seen_ids", space.seen_ids, persistent=False)
         self.prompts = SeparatedPrompts(backbone, space.attrs, space.objs, pair=hp["pair_prompt"], state=hp["state_prompt"],

@@ -2,7 +2,7 @@
 overwritten, resume without loss, run through papermill, and run in two processes."""
 import json, os, subprocess, sys, warnings
 from pathlib import Path
-import numpy as np, pytest
+import numpy as np, pytest, yaml
 import czsl_nb.all  # noqa: F401
 from czsl_nb import list_methods
 from czsl_nb.core import cache_dir
@@ -33,7 +33,7 @@ def _strip(metrics):
 def test_run_folder_contents_and_scores_file(toy, tiny_config, tmp_path):
     m = launch(_cfg(toy, tiny_config, run="a", open_world=True), runs_root=tmp_path)
     d = tmp_path / "a"
-    for name in ["params.yaml", "metrics.json", "history.json", "checkpoint_best.pt", "checkpoint_last.pt",
+    for name in ["params.yaml", "provenance.yaml", "metrics.json", "history.json", "checkpoint_best.pt", "checkpoint_last.pt",
                  "loss_curve.png", "curve_test_closed.png", "curve_test_open.png", "test_scores.npz"]:
         assert (d / name).is_file(), name
     assert set(m) >= {"val", "test", "epoch", "git_commit"} and set(m["test"]) >= {"closed", "open"}
@@ -55,9 +55,9 @@ def test_existing_run_is_never_overwritten(toy, tiny_config, tmp_path):
 def test_killed_run_resumes_and_loses_nothing(toy, tiny_config, tmp_path, monkeypatch):
     straight = launch(_cfg(toy, tiny_config, run="straight"), runs_root=tmp_path)
     original = Learner._train_epoch
-    def dies_in_epoch_3(self, model, opt, loader, epoch):
+    def dies_in_epoch_3(self, model, opt, schedule, loader, epoch):
         if epoch == 3: raise KeyboardInterrupt("killed")
-        return original(self, model, opt, loader, epoch)
+        return original(self, model, opt, schedule, loader, epoch)
     monkeypatch.setattr(Learner, "_train_epoch", dies_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         launch(_cfg(toy, tiny_config, run="killed"), runs_root=tmp_path)
@@ -71,6 +71,54 @@ def test_killed_run_resumes_and_loses_nothing(toy, tiny_config, tmp_path, monkey
     assert _strip(resumed) == _strip(straight)
     hist = lambda run: json.loads((tmp_path / run / "history.json").read_text())
     assert hist("killed") == hist("straight")
+
+def test_killed_run_resumes_its_lr_schedule_exactly(toy, tiny_config, tmp_path, monkeypatch):
+    "A multistep schedule with warm-up, killed after epoch 1 of 3 and resumed, ends as the uninterrupted run."
+    schedule = dict(lr_schedule="multistep", lr_milestones=[1], lr_gamma=0.1, warmup_epochs=0.5)
+    straight = launch(_cfg(toy, tiny_config, run="straight", **schedule), runs_root=tmp_path)
+    original = Learner._train_epoch
+    def dies_in_epoch_2(self, model, opt, sched, loader, epoch):
+        if epoch == 2: raise KeyboardInterrupt("killed")
+        return original(self, model, opt, sched, loader, epoch)
+    monkeypatch.setattr(Learner, "_train_epoch", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        launch(_cfg(toy, tiny_config, run="killed", **schedule), runs_root=tmp_path)
+    monkeypatch.setattr(Learner, "_train_epoch", original)
+    resumed = launch(_cfg(toy, tiny_config, run="killed", resume=True, **schedule), runs_root=tmp_path)
+    assert _strip(resumed) == _strip(straight)
+    hist = lambda run: json.loads((tmp_path / run / "history.json").read_text())
+    assert hist("killed") == hist("straight")
+    assert [h["lr"] for h in hist("killed")][1:] == pytest.approx([1e-3, 1e-3])  # 1e-2 dropped by 0.1 after epoch 1
+
+def test_run_reruns_from_its_own_params_file(toy, tiny_config, tmp_path):
+    "`czsl-train -f runs/X/params.yaml -p run Y` trains X again: the same test metrics, on CPU."
+    first = launch(_cfg(toy, tiny_config, run="first", epochs=2, lr_schedule="step", lr_step_size=1, lr_gamma=0.5),
+                   {"attr_dropout": 0.2}, runs_root=tmp_path)
+    params = yaml.safe_load((tmp_path / "first" / "params.yaml").read_text())
+    assert "method_params" not in params and params["attr_dropout"] == 0.2 and params["lr_schedule"] == "step"
+    assert "git_commit" in yaml.safe_load((tmp_path / "first" / "provenance.yaml").read_text())
+    env = {**os.environ, "CZSL_NB_RUNS": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", "from czsl_nb.learner import train_cli; train_cli()",
+                        "-f", str(tmp_path / "first" / "params.yaml"), "-p", "run", "again"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["test"] == first["test"] and again["val"] == first["val"] and again["epoch"] == first["epoch"]
+
+def test_train_notebook_parameters_cell_is_generated():
+    "One source of truth: the parameters cell is what the dataclasses generate (tools/sync_train_parameters.py)."
+    from czsl_nb.learner import parameters_cell
+    cells = json.loads((REPO / "nbs" / "train.ipynb").read_text())["cells"]
+    (cell,) = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert "".join(cell["source"]) == parameters_cell(), "run: python tools/sync_train_parameters.py"
+
+def test_help_notebook_lists_run_and_method_parameters(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", str(REPO / "nbs" / "train.ipynb")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ["lr_schedule", "lr_milestones", "attr_dropout", "towers", "memory", "aux_per_pair"]:
+        assert f"  {name}:" in r.stdout, name
+    assert "_kernel_names" not in r.stdout
 
 def test_two_cpu_processes_train_and_score_each_image_once(toy, tiny_config, tmp_path):
     """gloo data parallelism: the toy test split has 3 images, so 2 ranks need a padded duplicate that must be dropped.
@@ -99,8 +147,7 @@ def test_papermill_train(toy, tiny_config, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((runs / "pm" / "metrics.json").read_text())
     assert m["method"] == "csp" and m["epoch"] == 1
-    import yaml
-    assert yaml.safe_load((runs / "pm" / "params.yaml").read_text())["method_params"]["attr_dropout"] == 0.1
+    assert yaml.safe_load((runs / "pm" / "params.yaml").read_text())["attr_dropout"] == 0.1
 
 @pytest.mark.parametrize("args, message", [
     (["-p", "method", "sam_typo"], "unknown method; valid: " + ", ".join(list_methods())),
@@ -123,7 +170,9 @@ def test_entry_points_keep_parameters_tag(nb):
 def test_every_method_trains_and_tests_end_to_end(name, toy, tiny_config, tmp_path):
     "Each registered method through the engine with its defaults: its hooks, one epoch, both worlds, a reload."
     from czsl_nb.learner import load_run
-    m = launch(_cfg(toy, tiny_config, method=name, epochs=1, run=name, open_world=True), runs_root=tmp_path)
+    from czsl_nb import get_method
+    epochs = max(1, get_method(name).min_epochs(get_method(name).defaults))  # SAM's staged default needs stage II
+    m = launch(_cfg(toy, tiny_config, method=name, epochs=epochs, run=name, open_world=True), runs_root=tmp_path)
     assert set(m["test"]) >= {"closed", "open", "open_uncalibrated"}
     assert all(0 <= r["auc"] <= 1 for r in m["test"].values())
     reloaded = load_run(tmp_path / name)  # the best checkpoint (and what on_fit_end added) reproduces the stored scores

@@ -74,3 +74,53 @@ def test_cacheable_image_features_are_frozen(name):
     images = _batch(m)["image"]
     assert torch.equal(m.image_features(images), m.image_features(images))
     assert not any(p.requires_grad for p in m.backbone.model.visual.parameters())
+
+# -- typed hyper-parameters ---------------------------------------------------------------------
+from dataclasses import fields as _fields  # noqa: E402
+from typing import Literal, get_args, get_origin, get_type_hints  # noqa: E402
+from czsl_nb.learner import TrainConfig  # noqa: E402
+from czsl_nb.methods import _INTERVAL  # noqa: E402
+
+def _bad_value(params, f):
+    "A value the field must refuse, and what the error must then say is valid."
+    kind = get_type_hints(params)[f.name]
+    if get_origin(kind) is Literal: return "not-a-choice", "valid: " + ", ".join(map(repr, get_args(kind)))
+    if kind is bool: return "maybe", "must be True or False"
+    interval = f.metadata.get("range")
+    if interval:
+        low_bracket, low, high, high_bracket = _INTERVAL.match(interval).groups()
+        low, high = float(low), float(high)
+        value = (low if low_bracket == "(" else low - 1) if low > float("-inf") else (high if high_bracket == ")" else high + 1)
+        value = [int(value)] if get_origin(kind) is list else (int(value) if kind is int else value)
+        return value, f"out of range; valid: {interval}"
+    if kind in (int, float): return "many", "must be"
+    if kind is str: return 3, "must be a string"
+    raise AssertionError(f"{params.__name__}.{f.name}: no bad value known for {kind}")
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_hyperparameter_rejects_a_bad_value_naming_what_is_valid(name):
+    method = get_method(name)
+    for f in _fields(method.Params):
+        assert f.metadata.get("help"), f"{name}.{f.name} has no one-line meaning"
+        value, valid = _bad_value(method.Params, f)
+        with pytest.raises(ValueError) as err:
+            method.resolve_hparams({f.name: value})
+        assert f"method {name!r}: {f.name}={value!r}" in str(err.value) and valid in str(err.value), str(err.value)
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_defaults_validate(name):
+    assert get_method(name).resolve_hparams({}) == get_method(name).defaults
+    TrainConfig(method=name).validate()  # the probe build with every default
+
+def test_run_level_fields_reject_bad_values():
+    for f in _fields(TrainConfig):
+        value, valid = _bad_value(TrainConfig, f)
+        if f.name in ("method", "dataset", "backbone", "pretrained", "run"): continue  # strings checked by validate()
+        with pytest.raises(ValueError, match="parameter " + f.name):
+            TrainConfig(**{f.name: value})
+
+def test_method_hyperparameters_never_shadow_run_parameters():
+    "params.yaml and the parameters cell put run-level and method names side by side: they must not collide."
+    run_names = {f.name for f in _fields(TrainConfig)}
+    for name in list_methods():
+        assert not run_names & set(get_method(name).defaults), name

@@ -118,6 +118,8 @@ def test_trainable_parts_and_loss_terms(bb):
     torch.testing.assert_close(half["state_loss"], 0.5 * full["state_loss"])
 
 def test_invalid_switches(bb):
-    with pytest.raises(ValueError, match="unknown fusion"): SepFusion(bb, SPACE, fusion="cross")
-    with pytest.raises(ValueError, match="unknown prompt kind"): SepFusion(bb, SPACE, object_prompt="learned")
+    with pytest.raises(ValueError, match="method 'sepfusion': fusion='cross': not a valid choice; valid: 'none', "):
+        SepFusion(bb, SPACE, fusion="cross")
+    with pytest.raises(ValueError, match="object_prompt='learned': not a valid choice; valid: 'hard', 'soft'"):
+        SepFusion(bb, SPACE, object_prompt="learned")
     with pytest.raises(ValueError, match="unknown prompt kind"): SeparatedPrompts(bb, SPACE.attrs, SPACE.objs, pair="fixed")
