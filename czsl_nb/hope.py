@@ -4,20 +4,21 @@
 
 # %% ../nbs/25_hope.ipynb #098c5973
 from __future__ import annotations
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
 from .core import register
 from .data import clean_name
-from .methods import CZSLMethod
+from .methods import CZSLMethod, Params, hparam
 from .prompts import ContextPrompt, PrimitiveVocabulary, encode_prompts, pair_prompts
 from .hopfield import (HOPFIELD_SCALES, RETRIEVAL_TARGETS, HopfieldMemory, QueryProjection, Retrieval,
                               multi_positive_infonce, retrieval_loss, slot_means)
 from .soft_moe import COMPOSER_MIXERS, Composer
 
 # %% auto #0
-__all__ = ['Composed', 'HOPE', 'retrieval_predictions', 'retrieval_accuracy', 'run_retrieval_accuracy']
+__all__ = ['Composed', 'HOPEParams', 'HOPE', 'retrieval_predictions', 'retrieval_accuracy', 'run_retrieval_accuracy']
 
 # %% ../nbs/25_hope.ipynb #200636d4
 class Composed(NamedTuple):
@@ -27,33 +28,52 @@ class Composed(NamedTuple):
     attr: Retrieval  # attribute queries: patterns [B, l/2, D], weights [B, l/2, |C_tr|]
     obj: Retrieval  # object queries
 
+# %% ../nbs/25_hope.ipynb #29749956
+@dataclass
+class HOPEParams(Params):
+    "HOPE's hyper-parameters (paper: the loss weights, composer depth and k; the rest ours, see methods.md §6)."
+    context: str = hparam("a photo of", "words initialising the soft prompt's 3 context tokens θ_1..θ_3 (DFSP)")
+    attr_dropout: float = hparam(0.3, "dropout on the primitive vocabulary of [a][o] (CSP/DFSP)", range="[0, 1)")
+    n_queries: int = hparam(4, "l: Hopfield queries Z = Z_θ(f_v); the first l/2 read M_v^a, the rest M_v^o (ours)",
+                            range="[2, inf)")
+    hopfield_scale: Literal[HOPFIELD_SCALES] = hparam("learned", "learned: softmax(β_h cos(Z, M)) with a learned β_h "
+                                                      "(ours); none: the paper's softmax(Z M^T)")
+    beta_init: float = hparam(1 / 0.07, "β_h at the start, with hopfield_scale='learned' (ours: CLIP's 1/0.07)",
+                              range="(0, inf)")
+    memory_init_images: int = hparam(10, "k: training images averaged into each visual memory slot (paper); "
+                                         "0 keeps the text start", range="[0, inf)")
+    composer: Literal[COMPOSER_MIXERS] = hparam("soft_moe", "soft_moe: Soft-MoE MLPs in the composer's second half "
+                                                "(paper); self_attention: dense MLPs (its comparison)")
+    composer_depth: int = hparam(2, "transformer blocks of the composer (paper)", range="[1, inf)")
+    n_experts: int = hparam(8, "n: Soft-MoE experts, one slot each (ours)", range="[1, inf)")
+    layer_scale_init: float = hparam(0.1, "start of the LayerScale on the composer's residual branches (ours)",
+                                     range="[0, inf)")
+    dfm_weight: float = hparam(0.9, "α: weight of L_dfm, the decomposed attribute and object loss (paper)",
+                               range="[0, inf)")
+    spm_weight: float = hparam(0.8, "β: weight of L_spm, the plain soft-prompt loss (paper)", range="[0, inf)")
+    retrieval_weight: float = hparam(0.3, "γ: weight of L_r + L_InfoNCE (paper)", range="[0, inf)")
+    use_retrieval_loss: bool = hparam(True, "train with L_r, the retrieval loss (paper; ablation switch)")
+    use_infonce: bool = hparam(True, "train with L_InfoNCE on the retrieved patterns (paper; ablation switch)")
+    retrieval_target: Literal[RETRIEVAL_TARGETS] = hparam("marginal", "L_r's target: marginal, the mass on the "
+                                                          "label's slots (ours), or uniform over them (14_hopfield)")
+    infonce_tau: float = hparam(0.07, "τ of L_InfoNCE (the paper's reference [44]: 0.07)", range="(0, inf)")
+    score_spm_weight: float = hparam(0.0, "inference: + this × the soft-prompt path's logits (ours; 0: the paper)",
+                                     range="[0, inf)")
+
+    def check(self):
+        if self.n_queries % 2:
+            raise ValueError(f"n_queries={self.n_queries}: needs an even number (l/2 queries read each memory)")
+
 # %% ../nbs/25_hope.ipynb #0f6a7048
 @register("hope")
 class HOPE(CZSLMethod):
     "HOPE: DFSP-style soft prompt + Hopfield memories of training compositions + Soft-MoE composer; frozen CLIP."
-    defaults = {"context": "a photo of",  # soft-prompt context initialisation: 3 learned tokens (DFSP)
-                "attr_dropout": 0.3,  # dropout on the primitive vocabulary (CSP/DFSP)
-                "n_queries": 4,  # l: half read the attribute memory, half the object memory (ours)
-                "hopfield_scale": "learned",  # learned: cosine x learned beta (ours); none: the paper's softmax(Z M^T)
-                "beta_init": 1 / 0.07,
-                "memory_init_images": 10,  # k: images averaged per composition slot (0: keep the text init)
-                "composer": "soft_moe",  # soft_moe | self_attention (the paper's comparison)
-                "composer_depth": 2, "n_experts": 8, "layer_scale_init": 0.1,
-                "dfm_weight": 0.9, "spm_weight": 0.8, "retrieval_weight": 0.3,  # alpha, beta, gamma
-                "use_retrieval_loss": True, "use_infonce": True,
-                "retrieval_target": "marginal",  # marginal | uniform: reading of L_r's target (see 14_hopfield)
-                "infonce_tau": 0.07,
-                "score_spm_weight": 0.0}  # inference: + this x the soft-prompt path's logits (ours; 0 = the paper)
+    Params = HOPEParams
     cache_image_features = True
 
     def __init__(self, backbone, space, **hparams):
         super().__init__(backbone, space, **hparams)
         hp = self.hparams
-        if hp["n_queries"] < 2 or hp["n_queries"] % 2: raise ValueError(f"n_queries={hp['n_queries']}: needs an even number >= 2")
-        if hp["composer"] not in COMPOSER_MIXERS: raise ValueError(f"unknown composer {hp['composer']!r}; choose one of {COMPOSER_MIXERS}")
-        if hp["retrieval_target"] not in RETRIEVAL_TARGETS:
-            raise ValueError(f"unknown retrieval_target {hp['retrieval_target']!r}; choose one of {RETRIEVAL_TARGETS}")
-        if hp["hopfield_scale"] not in HOPFIELD_SCALES: raise ValueError(f"unknown hopfield_scale {hp['hopfield_scale']!r}; choose one of {HOPFIELD_SCALES}")
         self.backbone.freeze("all")
         dim, seen = backbone.embed_dim, space.seen_ids
         self.register_buffer("seen_ids", seen, persistent=False)

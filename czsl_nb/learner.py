@@ -27,10 +27,10 @@ from .prompts import encode_prompts
 # %% auto #0
 __all__ = ['LR_SCHEDULES', 'DEVICES', 'PRECISIONS', 'OPTIMIZERS', 'FEASIBILITY_MODES', 'RUN_FILES', 'RESULT_KEYS', 'lr_factor',
            'probe_method_values', 'TrainConfig', 'git_commit', 'provenance', 'run_params', 'read_run_params',
-           'check_run_dir', 'prepare_run_dir', 'FeatureSplit', 'EpochShuffle', 'PartnerSplit', 'resolve_dataset',
-           'split_labels', 'Learner', 'split_parameters', 'resolve_parameters', 'launch', 'load_run', 'run_variant',
-           'collect_runs', 'summarize_runs', 'method_parameter_fields', 'parameters_cell', 'notebook_parameters',
-           'read_parameter_file', 'cli_parameters', 'train_cli']
+           'check_run_dir', 'prepare_run_dir', 'FeatureSplit', 'EpochShuffle', 'FixedShuffle', 'PartnerSplit',
+           'resolve_dataset', 'split_labels', 'Learner', 'split_parameters', 'resolve_parameters', 'launch', 'load_run',
+           'run_variant', 'collect_runs', 'summarize_runs', 'method_parameter_fields', 'parameters_cell',
+           'notebook_parameters', 'read_parameter_file', 'cli_parameters', 'train_cli']
 
 # %% ../nbs/30_learner.ipynb #f961d66c
 LR_SCHEDULES: dict[str, Callable[[float, "TrainConfig"], float]] = {
@@ -215,6 +215,10 @@ class EpochShuffle(torch.utils.data.Sampler):
         return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist())
     def __len__(self): return self.n
 
+class FixedShuffle(EpochShuffle):
+    "One permutation fixed by the seed, whatever epoch Accelerate sets: the test order of a test-time-updating method."
+    def set_epoch(self, epoch: int) -> None: pass
+
 class PartnerSplit(Dataset):
     "Each item of `base` plus, per key in `keys`, a partner item sharing that label but not the other one."
     def __init__(self, base: Dataset, attr: torch.Tensor, obj: torch.Tensor, keys: tuple[str, ...], seed: int):
@@ -306,7 +310,7 @@ class Learner:
             ds = PartnerSplit(ds, *self.data.labels(split), self.method.partner_samples, self.cfg.seed)
         sampler = None
         if train: sampler = self.train_order = EpochShuffle(len(ds), self.cfg.seed)
-        elif self.method.shuffled_evaluation: sampler = EpochShuffle(len(ds), self.cfg.seed)  # epoch 0: one fixed order
+        elif self.method.shuffled_evaluation: sampler = FixedShuffle(len(ds), self.cfg.seed)  # the same order every pass
         return DataLoader(ds, batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size, sampler=sampler,
                           num_workers=0 if self.method.cache_image_features else self.cfg.num_workers)
 

@@ -5,13 +5,14 @@
 # %% ../nbs/24_sam.ipynb #df8a48ec
 from __future__ import annotations
 import json, math
-import yaml
+from dataclasses import dataclass
+from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .core import register  # first: czsl_nb's torchvision fix must precede peft
+from .core import read_params_file, register  # first: czsl_nb's torchvision fix must precede peft
 from .backbone import patch_to
-from .methods import CZSLMethod, composed_probability
+from .methods import CZSLMethod, Params, hparam, composed_probability
 from .prompts import ContextPrompt, PrimitiveVocabulary
 from .sparse_alignment import (SELECTIONS, KL_DIRECTIONS, VisualAdaptiveCondensation, aligned_tokens,
                                       distillation_kl, relative_modality_gap, sparse_alignment)
@@ -19,7 +20,7 @@ from .memory_bank import MEMORY_MODES, DynamicMemoryBank, entropy, lowest_entrop
 from peft import LoraConfig, inject_adapter_in_model
 
 # %% auto #0
-__all__ = ['SAM_SCHEDULES', 'SAM_INFERENCE_PARAMS', 'SAM_STAGE1_PARAMS', 'TroikaPrompts', 'SAM', 'fuse_scores']
+__all__ = ['SAM_SCHEDULES', 'SAM_INFERENCE_PARAMS', 'SAM_STAGE1_PARAMS', 'TroikaPrompts', 'SAMParams', 'SAM', 'fuse_scores']
 
 # %% ../nbs/24_sam.ipynb #0fccedd1
 class TroikaPrompts(nn.Module):
@@ -38,32 +39,65 @@ class TroikaPrompts(nn.Module):
         _, every_obj = self.vocab.primitives()  # its own dropout draw, as the object prompts have always had
         return {"pair": pair, "attr": self.soft["attr"](backbone, [every_attr]), "obj": self.soft["obj"](backbone, [every_obj])}
 
-# %% ../nbs/24_sam.ipynb #6de27da1
+# %% ../nbs/24_sam.ipynb #23d10138
 SAM_SCHEDULES = ("staged", "joint", "vac_only")
 
+@dataclass
+class SAMParams(Params):
+    "SAM's hyper-parameters (the paper states few values; the others are ours, see /work/shared/methods.md §5)."
+    lora_rank: int = hparam(16, "r: rank of the LoRA adapters on the image tower's q/k/v projections (ours)",
+                            range="[1, inf)")
+    lora_alpha: int = hparam(32, "LoRA scaling α_lora: the update is scaled by α_lora / r (ours)", range="[1, inf)")
+    lora_dropout: float = hparam(0.0, "dropout on the LoRA adapters' input (ours)", range="[0, 1)")
+    attr_dropout: float = hparam(0.3, "dropout on the shared primitive vocabulary θ of the prompts (Troika)",
+                                 range="[0, 1)")
+    use_sa: bool = hparam(True, "stage I scores by sparse alignment s_c = max_l v_l·t_c (paper); False: class token")
+    selection: Literal[SELECTIONS] = hparam("max", "how SA picks a text's visual token: max (paper), mean, attention")
+    attention_temperature: float = hparam(0.1, "temperature of selection='attention' over the tokens (ours)",
+                                          range="(0, inf)")
+    use_vac: bool = hparam(True, "stage II: VAC condenses the tokens into v_q with a learned query (paper)")
+    vac_depth: int = hparam(3, "K: VAC's cross-attention + FFN blocks (ours, as Troika's CMT)", range="[1, inf)")
+    vac_dropout: float = hparam(0.1, "dropout in VAC's blocks (ours)", range="[0, 1)")
+    use_kl: bool = hparam(True, "distil SA into VAC with L_kl (paper); needs use_sa and use_vac")
+    alpha: float = hparam(0.5, "α: weight of the KL distillation in stage II, (1-α) L_vac + α L_kl (form: paper)",
+                          range="[0, 1]")
+    kl_direction: Literal[KL_DIRECTIONS] = hparam("vac||sa", "L_kl as KL(p_vac || p_sa) (the paper's formula) "
+                                                  "or KL(p_sa || p_vac) (standard distillation)")
+    schedule: Literal[SAM_SCHEDULES] = hparam("staged", "staged: stage I, then II (paper); joint: both losses every "
+                                              "step; vac_only: stage II on top of init_from")
+    stage1_fraction: float = hparam(0.5, "share of the epochs in stage I when staged; stage II gets >= 1 (ours)",
+                                    range="(0, 1)")
+    memory: Literal[MEMORY_MODES] = hparam("online", "memory bank at inference: none, seen_only (training samples), "
+                                           "online (updated at test time: the paper's full model)")
+    memory_slots: int = hparam(3, "N: samples stored per composition in the memory bank (ours, as TOMCAT)",
+                               range="[1, inf)")
+    memory_temperature: float = hparam(0.1, "τ_mb: temperature of the bank's attention over a composition's samples "
+                                            "(paper)", range="(0, inf)")
+    beta: float = hparam(0.5, "β: weight of SA in the fused score β p̄_sa + (1-β)(p̄_vac + γ p_mb) (ours)",
+                         range="[0, 1]")
+    gamma: float = hparam(1.0, "γ: weight of the memory bank's p_mb in the fused score (ours)", range="[0, inf)")
+    init_from: str = hparam("", "a finished run (may hold {seed}) whose best checkpoint starts every trained part; "
+                                "'' starts fresh (ours, see on_fit_start)")
+
+    def check(self):
+        if self.use_kl and not (self.use_sa and self.use_vac):
+            raise ValueError("use_kl distils SA into VAC: it needs use_sa=True and use_vac=True")
+        if self.memory != "none" and not (self.use_vac or not self.use_sa):
+            raise ValueError(f"memory={self.memory!r} needs an image feature to store: use_vac=True, "
+                             "or use_sa=False (the class token)")
+        if self.schedule == "vac_only" and not (self.use_vac and self.init_from):
+            raise ValueError("schedule='vac_only' trains stage II on top of a stage-I run: it needs use_vac=True "
+                             "and init_from")
+
+# %% ../nbs/24_sam.ipynb #6de27da1
 @register("sam")
 class SAM(CZSLMethod):
     "SAM: LoRA image tower, Troika prompts, sparse alignment, VAC distilled from it, and a dynamic unimodal memory bank."
-    defaults = {"lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0, "attr_dropout": 0.3,
-                "use_sa": True, "selection": "max", "attention_temperature": 0.1,
-                "use_vac": True, "vac_depth": 3, "vac_dropout": 0.1,
-                "use_kl": True, "alpha": 0.5, "kl_direction": "vac||sa",
-                "schedule": "staged", "stage1_fraction": 0.5,
-                "memory": "online", "memory_slots": 3, "memory_temperature": 0.1,
-                "beta": 0.5, "gamma": 1.0,
-                "init_from": ""}  # a run (may hold {seed}) whose best checkpoint starts every trained part; see on_fit_start
+    Params = SAMParams
 
     def __init__(self, backbone, space, **hparams):
         super().__init__(backbone, space, **hparams)
         hp = self.hparams
-        for name, valid in (("selection", SELECTIONS), ("kl_direction", KL_DIRECTIONS), ("memory", MEMORY_MODES), ("schedule", SAM_SCHEDULES)):
-            if hp[name] not in valid: raise ValueError(f"{name}={hp[name]!r}; choose one of {valid}")
-        if hp["use_kl"] and not (hp["use_sa"] and hp["use_vac"]): raise ValueError("use_kl distils SA into VAC: it needs use_sa=True and use_vac=True")
-        if hp["memory"] != "none" and not self.has_global_path:
-            raise ValueError("memory needs an image feature to store: use_vac=True, or use_sa=False (class token)")
-        if not 0 < hp["stage1_fraction"] < 1: raise ValueError(f"stage1_fraction={hp['stage1_fraction']!r} must lie in (0, 1)")
-        if hp["schedule"] == "vac_only" and not (hp["use_vac"] and hp["init_from"]):
-            raise ValueError("schedule='vac_only' trains stage II on top of a stage-I run: it needs use_vac=True and init_from")
         backbone.freeze("all")
         inject_adapter_in_model(LoraConfig(r=hp["lora_rank"], lora_alpha=hp["lora_alpha"], lora_dropout=hp["lora_dropout"],
                                            target_parameters=["attn.in_proj_weight"]), backbone.model.visual)
@@ -83,9 +117,21 @@ class SAM(CZSLMethod):
     def has_global_path(self) -> bool: return self.hparams["use_vac"] or not self.hparams["use_sa"]
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        "Staged schedule: stage I for `stage1_fraction` of the epochs, then stage II (>= 1 epoch when epochs >= 2)."
         if self.vac is None or self.hparams["schedule"] != "staged": return
         stage1_epochs = min(max(1, math.ceil(self.hparams["stage1_fraction"] * epochs)), max(1, epochs - 1))
         self.stage = 1 if epoch <= stage1_epochs else 2
+
+    @property
+    def selectable(self) -> bool:
+        "False during stage I of a staged run with VAC: VAC is still untrained, so that model may not be selected."
+        return not (self.vac is not None and self.hparams["schedule"] == "staged" and self.stage == 1)
+
+    @classmethod
+    def min_epochs(cls, hparams: dict) -> int:
+        "A staged run with VAC needs a stage-I and a stage-II epoch before a selectable model exists."
+        hp = {**cls.defaults, **hparams}
+        return 2 if hp["schedule"] == "staged" and hp["use_vac"] else 1
 
     @property
     def trains_backbone(self) -> bool: return self.stage in (0, 1)
@@ -232,13 +278,13 @@ def on_fit_start(self: SAM, learner) -> None:
     run_dir = learner.run_dir.parent / source.format(seed=learner.cfg.seed)
     params_file, checkpoint = run_dir / "params.yaml", run_dir / "checkpoint_best.pt"
     if not checkpoint.is_file(): raise FileNotFoundError(f"init_from={source!r}: {checkpoint} does not exist (train that run first)")
-    params = yaml.safe_load(params_file.read_text())
+    params = read_params_file(params_file)  # flat; older runs' nested method values are flattened
     same = {"method": "sam", "dataset": learner.cfg.dataset, "backbone": learner.cfg.backbone, "pretrained": learner.cfg.pretrained}
     differ = {k: params.get(k) for k, v in same.items() if params.get(k) != v}
     # a vac_only run on top of an SA run shares only stage I with it; any other source must share all training
-    after_stage1 = self.hparams["schedule"] == "vac_only" and not params["method_params"].get("use_vac")
+    after_stage1 = self.hparams["schedule"] == "vac_only" and not params.get("use_vac")
     compared = SAM_STAGE1_PARAMS if after_stage1 else [k for k in self.hparams if k not in SAM_INFERENCE_PARAMS]
-    differ.update({k: params["method_params"].get(k) for k in compared if params["method_params"].get(k) != self.hparams[k]})
+    differ.update({k: params.get(k) for k in compared if params.get(k) != self.hparams[k]})
     if differ: raise ValueError(f"init_from={source!r}: that run differs in {differ}; they must agree on {sorted(compared)}")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     own = self.state_dict()  # the bank is rebuilt by on_fit_end for this run's memory mode

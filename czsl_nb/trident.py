@@ -4,18 +4,19 @@
 
 # %% ../nbs/27_trident.ipynb #994c0354
 from __future__ import annotations
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
 from .core import register
-from .methods import CZSLMethod
+from .methods import CZSLMethod, Params, hparam
 from .smoothing import aux_attribute_provider, aux_index_table, smoothed_cross_entropy
 from .word_embeddings import word_embedding_provider
 from .trident_features import (ConditionMasks, CrossModalConnector, FeatureAdaptiveAggregation,
                                       orthogonality_loss)
 
 # %% auto #0
-__all__ = ['AODisentangler', 'Trident']
+__all__ = ['AODisentangler', 'TridentParams', 'Trident']
 
 # %% ../nbs/27_trident.ipynb #d7c38178
 class AODisentangler(nn.Module):
@@ -37,25 +38,52 @@ class AODisentangler(nn.Module):
         exclusive_1, exclusive_2 = ((1 - w1) * slots_1).mean(1), ((1 - w2) * slots_2).mean(1)
         return self.ao_2_word(torch.cat([shared_1, shared_2], -1)), shared_1, shared_2, exclusive_1, exclusive_2
 
+# %% ../nbs/27_trident.ipynb #b81e5311
+@dataclass
+class TridentParams(Params):
+    "TRIDENT's hyper-parameters: the released MIT-States config (xud-yan/Trident) unless marked ours; methods.md §4."
+    local_features: int = hparam(12, "p: local features, FAA's aggregators over the patches (official; C-GQA 4)",
+                                 range="[1, inf)")
+    global_features: int = hparam(6, "q: global features, condition masks on the CLS token (official; C-GQA 2)",
+                                  range="[1, inf)")
+    emb_dim: int = hparam(1024, "d: width of the image embedding z and the composition embeddings c_{a,o} (official)",
+                          range="[1, inf)")
+    layer: int = hparam(-2, "ViT block whose tokens (pre ln_post) feed FAA and the masks; negative counts from the "
+                            "end (official: penultimate); must exist in the image tower")
+    cmc: str = hparam("identity", "cross-modal connector on patch tokens: identity (ours), linear_frozen_random, "
+                                  "linear_trainable or file:PATH (LLaVA's mm_projector, official)")
+    img_emb_dropout: float = hparam(0.3, "dropout after FAA's per-token transform (official)", range="[0, 1)")
+    compose_dropout: float = hparam(0.05, "dropout on [w_o; w_a] of c_{a,o}, in the masks and the word MLP (official)",
+                                    range="[0, 1)")
+    temperature: float = hparam(0.05, "T: training logits are cos / T (official); evaluation uses the raw cosine",
+                                range="(0, inf)")
+    word_embeddings: str = hparam("clip_text", "word vectors w: clip_text (ours), clip_text_eot, clip_vocab, random "
+                                               "or file:PATH in GloVe format (LLaVA's hidden states in the paper)")
+    lr_word_embedding: float = hparam(1.5e-6, "learning rate of the word embeddings; 0 freezes them (official)",
+                                      range="[0, inf)")
+    aux_attributes: str = hparam("clip_neighbours", "auxiliary attributes of a seen pair: clip_neighbours (ours) or "
+                                                    "file:PATH, JSONL answers of an LLM (GPT-3.5 in the paper)")
+    aux_per_pair: int = hparam(3, "t: auxiliary attributes per seen pair (official)", range="[1, inf)")
+    alpha: float = hparam(0.09, "α: attribute smoothing, 1-α on the attribute, α/t on each auxiliary one; 0: none "
+                                "(official MIT-States; C-GQA 0.03)", range="[0, 1]")
+    w_dis: float = hparam(0.25, "weight of L_dis (released configs; the paper's 0.5)", range="[0, inf)")
+    w_ortho: float = hparam(0.1, "weight of L_ortho (official)", range="[0, inf)")
+    use_faa: bool = hparam(True, "FAA's p adaptive local features; False: one mean-pooled local feature (ablation)")
+    use_masks: bool = hparam(True, "q masked global features; False: the CLS token as the only global one (ablation)")
+    freeze_local_aggregators: bool = hparam(False, "never train FAA's aggregators, as the official code (there they "
+                                                   "are not registered sub-modules)")
+
 # %% ../nbs/27_trident.ipynb #a8376a49
 @register("trident")
 class Trident(CZSLMethod):
     "TRIDENT: FAA + condition masks on a frozen ViT, word-embedding composition, disentanglement, attribute smoothing."
-    defaults = {"local_features": 12, "global_features": 6, "emb_dim": 1024, "layer": -2, "cmc": "identity",
-                "img_emb_dropout": 0.3, "compose_dropout": 0.05, "temperature": 0.05,
-                "word_embeddings": "clip_text", "lr_word_embedding": 1.5e-6,
-                "aux_attributes": "clip_neighbours", "aux_per_pair": 3, "alpha": 0.09,
-                "w_dis": 0.25, "w_ortho": 0.1,
-                "use_faa": True, "use_masks": True, "freeze_local_aggregators": False}
+    Params = TridentParams
     cache_image_features = True
     partner_samples = ("attr", "obj")
 
     def __init__(self, backbone, space, **hparams):
         super().__init__(backbone, space, **hparams)
         hp = self.hparams
-        if not 0 <= hp["alpha"] <= 1: raise ValueError(f"alpha={hp['alpha']}: must lie in [0, 1] (0 = no smoothing)")
-        if hp["temperature"] <= 0: raise ValueError(f"temperature={hp['temperature']}: must be > 0")
-        if hp["aux_per_pair"] < 1: raise ValueError(f"aux_per_pair={hp['aux_per_pair']}: must be >= 1")
         self.backbone.freeze("all")
         width, dim = backbone.vision_width, hp["emb_dim"]
         if width is None: raise TypeError("TRIDENT needs a ViT image tower (penultimate-layer tokens)")

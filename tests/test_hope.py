@@ -90,8 +90,9 @@ def test_hope_switches(backbone):
     sa = HOPE(backbone, SPACE, composer="self_attention")
     assert not any(type(b.mlp).__name__ == "SoftMoE" for b in sa.composer.blocks)
     assert HOPE.cache_image_features and not any(p.requires_grad for p in full.backbone.parameters())
-    for bad, match in [({"n_queries": 3}, "even"), ({"composer": "mlp"}, "unknown composer"),
-                       ({"retrieval_target": "x"}, "unknown retrieval_target"), ({"hopfield_scale": "x"}, "unknown hopfield_scale")]:
+    for bad, match in [({"n_queries": 3}, "even"), ({"composer": "mlp"}, "composer='mlp': not a valid choice"),
+                       ({"retrieval_target": "x"}, "retrieval_target='x': not a valid choice"),
+                       ({"hopfield_scale": "x"}, "hopfield_scale='x': not a valid choice")]:
         with pytest.raises(ValueError, match=match): HOPE(backbone, SPACE, **bad)
     out = full.compose(batch["features"])
     assert torch.allclose(out.attr.weights.sum(-1), torch.ones(8, 2), atol=1e-6)
