@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_learner.ipynb #6527d4bb
 from __future__ import annotations
-import json, math, os, re, subprocess, time
+import copy, json, math, os, re, subprocess, time
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
@@ -28,9 +28,9 @@ from .prompts import encode_prompts
 __all__ = ['LR_SCHEDULES', 'DEVICES', 'PRECISIONS', 'OPTIMIZERS', 'FEASIBILITY_MODES', 'RUN_FILES', 'RESULT_KEYS', 'lr_factor',
            'probe_method_values', 'TrainConfig', 'git_commit', 'provenance', 'run_params', 'read_run_params',
            'check_run_dir', 'prepare_run_dir', 'FeatureSplit', 'EpochShuffle', 'FixedShuffle', 'PartnerSplit',
-           'resolve_dataset', 'split_labels', 'Learner', 'split_parameters', 'resolve_parameters', 'launch', 'load_run',
-           'run_variant', 'collect_runs', 'summarize_runs', 'method_parameter_fields', 'parameters_cell',
-           'notebook_parameters', 'read_parameter_file', 'cli_parameters', 'train_cli']
+           'resolve_dataset', 'limit_train_images', 'split_labels', 'Learner', 'split_parameters', 'resolve_parameters',
+           'launch', 'load_run', 'run_variant', 'collect_runs', 'summarize_runs', 'method_parameter_fields',
+           'parameters_cell', 'notebook_parameters', 'read_parameter_file', 'cli_parameters', 'train_cli']
 
 # %% ../nbs/30_learner.ipynb #f961d66c
 LR_SCHEDULES: dict[str, Callable[[float, "TrainConfig"], float]] = {
@@ -96,6 +96,10 @@ class TrainConfig(Params):
     batch_size: int = hparam(128, "training images per batch and process", range="[1, inf)")
     grad_accum: int = hparam(1, "gradient accumulation steps (one optimiser step per this many batches)", range="[1, inf)")
     eval_batch_size: int = hparam(256, "images per batch when encoding and scoring", range="[1, inf)")
+    pair_chunk_size: int = hparam(1024, "compositions a method handles at once (bounds memory at C-GQA scale)",
+                                  range="[1, inf)")
+    max_train_per_pair: int = hparam(0, "low-shot protocol: at most this many training images per composition, "
+                                        "drawn by seed (0 = all)", range="[0, inf)")
     seed: int = hparam(0, "seeds initialisation, data order and every epoch's randomness", range="[0, inf)")
     device: Literal[DEVICES] = hparam("cpu", "cpu, cuda, or auto (cuda when available)")
     precision: Literal[PRECISIONS] = hparam("no", "mixed precision on CUDA: no, fp16 or bf16")
@@ -248,6 +252,17 @@ def resolve_dataset(spec: str, **kwargs) -> CompositionData:
     "`synthetic` (the embedded world, generated on first use) or the root of a dataset in the standard layout."
     return CompositionData(synthetic_world() if spec == "synthetic" else spec, **kwargs)
 
+def limit_train_images(data: CompositionData, per_pair: int, seed: int) -> CompositionData:
+    "The low-shot protocol: at most `per_pair` training images of each composition, drawn by `seed` (0 keeps all)."
+    if per_pair == 0: return data
+    by_pair: dict = {}
+    for i, sample in enumerate(data.samples["train"]): by_pair.setdefault(sample.pair, []).append(i)
+    draw = torch.Generator().manual_seed(seed)
+    keep = sorted(idx[j] for idx in by_pair.values() for j in torch.randperm(len(idx), generator=draw)[:per_pair].tolist())
+    limited = copy.copy(data)  # shares everything but the training sample list
+    limited.samples = {**data.samples, "train": [data.samples["train"][i] for i in keep]}
+    return limited
+
 def split_labels(data: CompositionData, split: str, seen_pairs) -> dict[str, torch.Tensor]:
     attr, obj = data.labels(split)
     index = {p: i for i, p in enumerate(seen_pairs)}
@@ -263,10 +278,12 @@ class Learner:
         self.acc = Accelerator(cpu=not cfg.uses_cuda, mixed_precision=cfg.precision,
                                gradient_accumulation_steps=cfg.grad_accum)
         seed_everything(cfg.seed)
-        self.data = data if data is not None else resolve_dataset(cfg.dataset)
+        self.data = limit_train_images(data if data is not None else resolve_dataset(cfg.dataset), cfg.max_train_per_pair,
+                                       cfg.seed)
         self.space = LabelSpace.from_data(self.data)
         self.backbone = backbone if backbone is not None else load_backbone(cfg.backbone, cfg.pretrained or None)
         self.method: CZSLMethod = get_method(cfg.method)(self.backbone, self.space, **self.method_params)
+        self.method.pair_chunk_size = cfg.pair_chunk_size
         self.method.to(self.acc.device)
         self.history: list[dict] = []
         self.train_order = None

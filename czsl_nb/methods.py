@@ -147,6 +147,7 @@ class CZSLMethod(nn.Module):
     trainable: bool = True
     partner_samples: tuple[str, ...] = ()  # "attr"/"obj": training batches also carry images sharing that label
     shuffled_evaluation: bool = False  # score images in a fixed seeded random order (test-time updates)
+    pair_chunk_size: int = 1024  # compositions handled at once wherever work grows with the pairs (set per run)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

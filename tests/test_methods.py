@@ -124,3 +124,15 @@ def test_method_hyperparameters_never_shadow_run_parameters():
     run_names = {f.name for f in _fields(TrainConfig)}
     for name in list_methods():
         assert not run_names & set(get_method(name).defaults), name
+
+@pytest.mark.parametrize("name", list_methods())
+def test_scores_do_not_depend_on_the_pair_chunk_size(name):
+    "Work along the pair axis is chunked (C-GQA's open world has 278,362 pairs); the chunk size never changes a score."
+    scores = {}
+    for chunk in (2, 10**9):
+        m = _build(name).eval()
+        m.pair_chunk_size = chunk
+        feats = m.image_features(_batch(m)["image"])
+        scores[chunk] = [m.scores(feats, pairs) for pairs in (SPACE.seen_ids, OPEN)]
+    for small, whole in zip(scores[2], scores[10**9]):
+        assert torch.allclose(small, whole, atol=1e-5), (small - whole).abs().max()
