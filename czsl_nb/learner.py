@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_learner.ipynb #6527d4bb
 from __future__ import annotations
-import copy, json, math, os, re, subprocess, time
+import copy, hashlib, json, math, os, re, subprocess, time
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
@@ -12,25 +12,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from accelerate import Accelerator, notebook_launcher
+from accelerate import Accelerator, PartialState, notebook_launcher
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from .core import get_method, list_methods, project_root, read_params_file, runs_dir, seed_everything
+from .core import cache_dir, get_method, list_methods, project_root, read_params_file, runs_dir, seed_everything
 from .data import CompositionData, CompositionSplit, SPLITS, clean_name
-from .metrics import evaluate, plot_curve, feasibility_scores, calibrate_feasibility, apply_feasibility
-from .backbone import CLIPBackbone, tiny_backbone
+from .metrics import evaluate as evaluate_scores, plot_curve, feasibility_scores, calibrate_feasibility, apply_feasibility
+from .backbone import CLIPBackbone, patch_to, tiny_backbone
 from .mini_clip import load_backbone
 from .synthetic import synthetic_world
 from .methods import CZSLMethod, LabelSpace, Params, default_values, hparam, valid_values
 from .prompts import encode_prompts
 
 # %% auto #0
-__all__ = ['LR_SCHEDULES', 'DEVICES', 'PRECISIONS', 'OPTIMIZERS', 'FEASIBILITY_MODES', 'RUN_FILES', 'RESULT_KEYS', 'lr_factor',
-           'probe_method_values', 'TrainConfig', 'git_commit', 'provenance', 'run_params', 'read_run_params',
-           'check_run_dir', 'prepare_run_dir', 'FeatureSplit', 'EpochShuffle', 'FixedShuffle', 'PartnerSplit',
-           'resolve_dataset', 'limit_train_images', 'split_labels', 'Learner', 'split_parameters', 'resolve_parameters',
-           'launch', 'load_run', 'run_variant', 'collect_runs', 'summarize_runs', 'method_parameter_fields',
-           'parameters_cell', 'notebook_parameters', 'read_parameter_file', 'cli_parameters', 'train_cli']
+__all__ = ['LR_SCHEDULES', 'DEVICES', 'PRECISIONS', 'OPTIMIZERS', 'FEASIBILITY_MODES', 'FEATURE_CACHE_DTYPES', 'RUN_FILES',
+           'FEATURE_CACHE_VERSION', 'RESULT_KEYS', 'lr_factor', 'probe_method_values', 'TrainConfig', 'git_commit',
+           'provenance', 'run_params', 'read_run_params', 'check_run_dir', 'prepare_run_dir', 'FeatureSplit',
+           'EpochShuffle', 'FixedShuffle', 'SeededItems', 'PartnerSplit', 'resolve_dataset', 'limit_train_images',
+           'split_labels', 'image_tower_fingerprint', 'FeatureCache', 'FeatureCacheWriter', 'Learner',
+           'split_parameters', 'resolve_parameters', 'launched_externally', 'launch', 'load_run', 'run_variant',
+           'collect_runs', 'summarize_runs', 'method_parameter_fields', 'parameters_cell', 'notebook_parameters',
+           'read_parameter_file', 'cli_parameters', 'train_cli']
 
 # %% ../nbs/30_learner.ipynb #f961d66c
 LR_SCHEDULES: dict[str, Callable[[float, "TrainConfig"], float]] = {
@@ -67,6 +70,7 @@ DEVICES = ("cpu", "cuda", "auto")  # auto: cuda when available
 PRECISIONS = ("no", "fp16", "bf16")  # Accelerate's mixed_precision values
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 FEASIBILITY_MODES = ("multiply", "mask")
+FEATURE_CACHE_DTYPES = ("auto", "float16", "float32")  # auto: float16 for token arrays, float32 for pooled features
 
 def _check_backbone_name(name: str) -> None:
     "The backbone must be the shipped mini-CLIP, an open_clip model name or an open_clip config JSON file."
@@ -98,6 +102,9 @@ class TrainConfig(Params):
     eval_batch_size: int = hparam(256, "images per batch when encoding and scoring", range="[1, inf)")
     pair_chunk_size: int = hparam(1024, "compositions a method handles at once (bounds memory at C-GQA scale)",
                                   range="[1, inf)")
+    feature_cache: str = hparam("", "folder of the disk feature caches (empty: ~/.cache/czsl_nb/features)")
+    feature_cache_dtype: Literal[FEATURE_CACHE_DTYPES] = hparam("auto", "how cached features are stored: auto = float16 "
+                                                                 "tokens, float32 pooled")
     max_train_per_pair: int = hparam(0, "low-shot protocol: at most this many training images per composition, "
                                         "drawn by seed (0 = all)", range="[0, inf)")
     seed: int = hparam(0, "seeds initialisation, data order and every epoch's randomness", range="[0, inf)")
@@ -203,13 +210,18 @@ def prepare_run_dir(cfg: TrainConfig, params: dict, root: Path | None = None) ->
     return run_dir
 
 # %% ../nbs/30_learner.ipynb #3846d7ff
+def _item_seed(seed: int, epoch: int, index: int) -> int: return (seed * 100_003 + epoch) * 1_000_003 + index
+
 class FeatureSplit(Dataset):
-    "Precomputed image features of one split with their labels, as engine batches."
-    def __init__(self, features: torch.Tensor, labels: dict[str, torch.Tensor]):
+    "Precomputed image features of one split (a tensor, or a memory-mapped array read row by row) with their labels."
+    def __init__(self, features, labels: dict[str, torch.Tensor]):
         self.features, self.labels = features, labels
     def __len__(self): return len(self.features)
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        "Rows start..stop as float32 (a cache may store float16)."
+        return torch.as_tensor(np.asarray(self.features[start:stop])).float()
     def __getitem__(self, i):
-        return {"features": self.features[i], **{k: v[i] for k, v in self.labels.items()}, "index": i}
+        return {"features": self.rows(i, i + 1)[0], **{k: v[i] for k, v in self.labels.items()}, "index": i}
 
 class EpochShuffle(torch.utils.data.Sampler):
     "A permutation of range(n) fixed by (seed, epoch), so a resumed run replays the same batches."
@@ -223,6 +235,17 @@ class FixedShuffle(EpochShuffle):
     "One permutation fixed by the seed, whatever epoch Accelerate sets: the test order of a test-time-updating method."
     def set_epoch(self, epoch: int) -> None: pass
 
+class SeededItems(Dataset):
+    "Each item of `base` drawn under its own seed (seed, epoch, index): random augmentation independent of workers and ranks."
+    def __init__(self, base: Dataset, seed: int): self.base, self.seed, self.epoch = base, seed, 0
+    def set_epoch(self, epoch: int) -> None: self.epoch = epoch
+    def __len__(self): return len(self.base)
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_item_seed(self.seed, self.epoch, i))
+            return self.base[i]
+
+# %% ../nbs/30_learner.ipynb #eb79e1b3
 class PartnerSplit(Dataset):
     "Each item of `base` plus, per key in `keys`, a partner item sharing that label but not the other one."
     def __init__(self, base: Dataset, attr: torch.Tensor, obj: torch.Tensor, keys: tuple[str, ...], seed: int):
@@ -236,11 +259,13 @@ class PartnerSplit(Dataset):
             groups: dict[int, list[int]] = {}
             for i, v in enumerate(same): groups.setdefault(v, []).append(i)
             self.candidates[key] = [[j for j in groups[same[i]] if other[j] != other[i]] for i in range(len(same))]
-    def set_epoch(self, epoch: int) -> None: self.epoch = epoch
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.base, "set_epoch"): self.base.set_epoch(epoch)
     def __len__(self): return len(self.base)
     def __getitem__(self, i):
         item = self.base[i]
-        g = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1_000_003 + i)
+        g = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, i))
         for key in self.keys:
             pool = self.candidates[key][i]
             j = pool[int(torch.randint(len(pool), (1,), generator=g))] if pool else i
@@ -268,6 +293,66 @@ def split_labels(data: CompositionData, split: str, seen_pairs) -> dict[str, tor
     index = {p: i for i, p in enumerate(seen_pairs)}
     return {"attr": attr, "obj": obj, "pair": torch.tensor([index.get(s.pair, -1) for s in data.samples[split]])}
 
+# %% ../nbs/30_learner.ipynb #7b7aef45
+FEATURE_CACHE_VERSION = 1
+
+def _hash(*parts) -> str:
+    h = hashlib.sha1()
+    for part in parts: h.update(part if isinstance(part, bytes) else str(part).encode())
+    return h.hexdigest()
+
+def image_tower_fingerprint(backbone: CLIPBackbone) -> str:
+    "A hash of the image tower's weights (names and bytes): different weights never share cached features."
+    state = backbone.model.visual.state_dict()
+    return _hash(*(piece for name, t in state.items()
+                   for piece in (name, t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())))
+
+class FeatureCache:
+    "One split's cached image features: `<key>.npy` (read memory-mapped) beside `<key>.json`, the spec that made it."
+    def __init__(self, root: str | Path, spec: dict):
+        self.spec = {"version": FEATURE_CACHE_VERSION, **spec}
+        key = _hash(json.dumps(self.spec, sort_keys=True))[:24]
+        self.root, self.path, self.meta = Path(root), Path(root) / f"{key}.npy", Path(root) / f"{key}.json"
+
+    def open(self) -> np.ndarray | None:
+        "The cached array, memory-mapped read-only, if a complete one was made from exactly this spec; else None."
+        if not (self.path.is_file() and self.meta.is_file()): return None
+        meta = json.loads(self.meta.read_text())
+        try: array = np.load(self.path, mmap_mode="r")
+        except (ValueError, OSError): return None
+        if meta.get("spec") != self.spec or meta.get("shape") != list(array.shape) or meta.get("dtype") != str(array.dtype):
+            return None
+        return array
+
+    def writer(self, n: int, dtype: str = "auto") -> "FeatureCacheWriter":
+        "A writer of `n` rows, to call with (sample indices, rows) in any order, then `finish()`."
+        return FeatureCacheWriter(self, n, dtype)
+
+class FeatureCacheWriter:
+    "Writes rows into a temporary .npy as they arrive; `finish` renames it into place once every row is there."
+    def __init__(self, cache: FeatureCache, n: int, dtype: str):
+        if dtype not in FEATURE_CACHE_DTYPES: raise ValueError(f"dtype={dtype!r}; valid: {', '.join(FEATURE_CACHE_DTYPES)}")
+        self.cache, self.n, self.dtype, self.array = cache, n, dtype, None
+        self.tmp = cache.path.with_name(f"{cache.path.stem}.tmp-{os.getpid()}.npy")
+
+    def __call__(self, index: torch.Tensor, rows: torch.Tensor) -> None:
+        if self.array is None:
+            dtype = self.dtype if self.dtype != "auto" else ("float16" if rows.ndim >= 3 else "float32")  # tokens: fp16
+            self.cache.root.mkdir(parents=True, exist_ok=True)
+            self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=(self.n, *rows.shape[1:]))
+        self.array[index.numpy()] = rows.numpy().astype(self.array.dtype)
+
+    def finish(self) -> np.ndarray:
+        "Flush, write the spec, rename into place; return the array memory-mapped read-only."
+        self.array.flush()
+        meta = {"spec": self.cache.spec, "shape": list(self.array.shape), "dtype": str(self.array.dtype)}
+        del self.array
+        tmp_meta = self.cache.meta.with_name(self.cache.meta.name + f".tmp-{os.getpid()}")
+        tmp_meta.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp_meta, self.cache.meta)
+        os.replace(self.tmp, self.cache.path)  # last: only now does the cache read as complete
+        return self.cache.open()
+
 # %% ../nbs/30_learner.ipynb #91c4a9b8
 class Learner:
     "Train, select and test one method on one dataset, writing everything to one run folder."
@@ -275,11 +360,14 @@ class Learner:
                  data: CompositionData | None = None, backbone: CLIPBackbone | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)  # run_dir: prepared by `prepare_run_dir` (or an existing run to evaluate)
         self.method_params = cfg.validate(method_params, probe_method=False)  # the method is built below, for real
-        self.acc = Accelerator(cpu=not cfg.uses_cuda, mixed_precision=cfg.precision,
-                               gradient_accumulation_steps=cfg.grad_accum)
+        # split_batches: batch_size is the global batch however many processes share it, so they train as one would
+        # a staged method leaves some parameters unused in an epoch: DDP must not wait for their gradients
+        self.acc = Accelerator(cpu=not cfg.uses_cuda, mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum,
+                               dataloader_config=DataLoaderConfiguration(split_batches=True),
+                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         seed_everything(cfg.seed)
-        self.data = limit_train_images(data if data is not None else resolve_dataset(cfg.dataset), cfg.max_train_per_pair,
-                                       cfg.seed)
+        dataset = data if data is not None else resolve_dataset(cfg.dataset)
+        self.data = limit_train_images(dataset, cfg.max_train_per_pair, cfg.seed)
         self.space = LabelSpace.from_data(self.data)
         self.backbone = backbone if backbone is not None else load_backbone(cfg.backbone, cfg.pretrained or None)
         self.method: CZSLMethod = get_method(cfg.method)(self.backbone, self.space, **self.method_params)
@@ -289,206 +377,264 @@ class Learner:
         self.train_order = None
         needed = SPLITS if self.method.trainable and cfg.epochs > 0 else ("val", "test")  # zero-shot never reads train
         self.loaders = {split: self._loader(split) for split in needed}
-        self.eval_loaders = {split: self.acc.prepare(self.loaders[split]) for split in ("val", "test")}
+        self.eval_loaders = {split: self._eval_loader(self.loaders[split]) for split in ("val", "test")}
 
-    # -- data ---------------------------------------------------------------------------------
     def _images(self, split: str, train: bool) -> Dataset:
         transform = self.backbone.train_transform if train else self.backbone.preprocess
         return CompositionSplit(self.data, split, transform, pairs=self.space.seen_pairs)
 
-    @torch.no_grad()
-    def _in_split_order(self, split: str, loader, per_batch, desc: str | None = None) -> torch.Tensor:
-        "[N, ...] rows of `per_batch(batch)` for every image of `split` in sample order (each exactly once), on every rank."
-        # each rank runs its shard; gather_for_metrics drops the padding a distributed sampler adds
-        rows, idx = [], []
-        for batch in tqdm(loader, desc=desc, disable=desc is None or not self.acc.is_main_process, leave=False):
-            with self.acc.autocast(): r = per_batch(batch).float()
-            r, i = self.acc.gather_for_metrics((r, batch["index"].to(r.device)))
-            rows.append(r.cpu()); idx.append(i.cpu())
-        rows, idx = torch.cat(rows), torch.cat(idx)
-        n = len(self.data.samples[split])
-        if sorted(idx.tolist()) != list(range(n)):
-            raise RuntimeError(f"{split}: got {len(idx)} images, expected each of {n} exactly once")
-        ordered = torch.empty_like(rows); ordered[idx] = rows
-        return ordered
+# %% ../nbs/30_learner.ipynb #9a049dc6
+@patch_to(Learner)
+@torch.no_grad()
+def _each_batch_in_split(self: Learner, split: str, loader, per_batch, sink, desc: str | None = None) -> None:
+    "Hand `sink(sample indices, rows)` the float32 rows of `per_batch(batch)` for every image of `split`, each exactly once."
+    n = len(self.data.samples[split])
+    seen = torch.zeros(n, dtype=torch.bool)
+    sharded = type(loader) is not DataLoader  # prepared by Accelerate; a plain loader holds the whole split on every rank
+    for batch in tqdm(loader, desc=desc, disable=desc is None or not self.acc.is_main_process, leave=False):
+        with self.acc.autocast(): rows = per_batch(batch).float()
+        index = batch["index"].to(rows.device)
+        if sharded: rows, index = self.acc.gather_for_metrics((rows, index))
+        index = index.cpu()
+        if seen[index].any() or len(index.unique()) != len(index): raise RuntimeError(f"{split}: an image arrived twice")
+        seen[index] = True
+        sink(index, rows.cpu())
+    if not seen.all(): raise RuntimeError(f"{split}: {int((~seen).sum())} of {n} images never arrived")
 
-    def _cached_features(self, split: str) -> FeatureSplit:
-        "Encode a split once with the frozen image side and keep the features on CPU."
+@patch_to(Learner)
+def _in_split_order(self: Learner, split: str, loader, per_batch, desc: str | None = None) -> torch.Tensor:
+    "[N, ...] rows of `per_batch(batch)` for every image of `split` in sample order, in one pre-allocated tensor."
+    out = None
+    def keep(index, rows):
+        nonlocal out
+        if out is None: out = torch.empty((len(self.data.samples[split]), *rows.shape[1:]), dtype=rows.dtype)
+        out[index] = rows
+    self._each_batch_in_split(split, loader, per_batch, keep, desc)
+    return out
+
+@patch_to(Learner)
+def _eval_loader(self: Learner, loader: DataLoader) -> DataLoader:
+    "Sharded over the processes, unless the method updates itself at test time (then each reads the whole split)."
+    return loader if self.method.shuffled_evaluation else self.acc.prepare(loader)
+
+# %% ../nbs/30_learner.ipynb #fd77b6af
+@patch_to(Learner)
+def feature_cache(self: Learner, split: str) -> FeatureCache:
+    "The cache of `split`'s image features: keyed by everything that changes them."
+    method, samples = self.acc.unwrap_model(self.method), self.data.samples[split]
+    if getattr(self, "_tower_fingerprint", None) is None: self._tower_fingerprint = image_tower_fingerprint(self.backbone)
+    spec = {"backbone": self.cfg.backbone, "weights": self._tower_fingerprint, "dataset": str(Path(self.data.root).resolve()),
+            "split": split, "images": _hash(*(self.data.image_path(s) for s in samples)),
+            "transform": repr(self.backbone.preprocess), "features": method.feature_spec(), "dtype": self.cfg.feature_cache_dtype}
+    return FeatureCache(Path(self.cfg.feature_cache).expanduser() if self.cfg.feature_cache else cache_dir() / "features", spec)
+
+@patch_to(Learner)
+def _cached_features(self: Learner, split: str) -> FeatureSplit:
+    "A split's image features from the disk cache; the first run that needs them encodes the split into it, streaming."
+    cache = self.feature_cache(split)
+    features = cache.open()
+    if features is None:
+        method = self.acc.unwrap_model(self.method); method.eval()
         loader = self.acc.prepare(DataLoader(self._images(split, train=False), batch_size=self.cfg.eval_batch_size,
                                              num_workers=self.cfg.num_workers))
-        method = self.acc.unwrap_model(self.method); method.eval()
-        features = self._in_split_order(split, loader, lambda b: method.image_features(b["image"]), desc=f"encode {split}")
-        return FeatureSplit(features, split_labels(self.data, split, self.space.seen_pairs))
+        writes = self.acc.is_local_main_process  # one writer per machine; every rank reads the file afterwards
+        write = cache.writer(len(self.data.samples[split]), self.cfg.feature_cache_dtype) if writes else lambda i, r: None
+        encode = lambda b: method.image_features(b["image"].to(self.acc.device))
+        self._each_batch_in_split(split, loader, encode, write, desc=f"encode {split}")
+        if writes: write.finish()
+        self.acc.wait_for_everyone()
+        features = cache.open()
+    return FeatureSplit(features, split_labels(self.data, split, self.space.seen_pairs))
 
-    def _loader(self, split: str) -> DataLoader:
-        train = split == "train"
-        ds = self._cached_features(split) if self.method.cache_image_features else self._images(split, train)
-        if train and self.method.partner_samples:
-            ds = PartnerSplit(ds, *self.data.labels(split), self.method.partner_samples, self.cfg.seed)
-        sampler = None
-        if train: sampler = self.train_order = EpochShuffle(len(ds), self.cfg.seed)
-        elif self.method.shuffled_evaluation: sampler = FixedShuffle(len(ds), self.cfg.seed)  # the same order every pass
-        return DataLoader(ds, batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size, sampler=sampler,
-                          num_workers=0 if self.method.cache_image_features else self.cfg.num_workers)
+@patch_to(Learner)
+def _loader(self: Learner, split: str) -> DataLoader:
+    train, cached = split == "train", self.method.cache_image_features
+    ds = self._cached_features(split) if cached else self._images(split, train)
+    if train and not cached: ds = SeededItems(ds, self.cfg.seed)  # each image's augmentation drawn from its own seed
+    if train and self.method.partner_samples:
+        ds = PartnerSplit(ds, *self.data.labels(split), self.method.partner_samples, self.cfg.seed)
+    sampler = None
+    if train: sampler = self.train_order = EpochShuffle(len(ds), self.cfg.seed)
+    elif self.method.shuffled_evaluation: sampler = FixedShuffle(len(ds), self.cfg.seed)  # the same order every pass
+    return DataLoader(ds, batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size, sampler=sampler,
+                      num_workers=0 if cached else self.cfg.num_workers)
 
-    def split_outputs(self, split: str, fn=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        "[N, ...] `fn(image_features)` of every image of `split` in sample order (evaluation transform), and its labels."
-        method = self.acc.unwrap_model(self.method); method.eval()
-        fn = fn or (lambda features: features)
-        labels = split_labels(self.data, split, self.space.seen_pairs)
-        cached = self.loaders.get(split)
-        if cached is not None and isinstance(cached.dataset, FeatureSplit):
-            feats = cached.dataset.features
-            with torch.no_grad():
-                rows = [fn(feats[i:i + self.cfg.eval_batch_size].to(self.acc.device)).float().cpu()
-                        for i in range(0, len(feats), self.cfg.eval_batch_size)]
-            return torch.cat(rows), labels
-        if split not in self.eval_loaders:  # training images, but with the evaluation transform and in sample order
-            self.eval_loaders[split] = self.acc.prepare(DataLoader(self._images(split, train=False), batch_size=self.cfg.eval_batch_size,
-                                                                   num_workers=self.cfg.num_workers))
-        return self._in_split_order(split, self.eval_loaders[split], lambda b: fn(method.image_features(b["image"]))), labels
+@patch_to(Learner)
+def split_outputs(self: Learner, split: str, fn=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    "[N, ...] `fn(image_features)` of every image of `split` in sample order (evaluation transform), and its labels."
+    method = self.acc.unwrap_model(self.method); method.eval()
+    fn = fn or (lambda features: features)
+    labels = split_labels(self.data, split, self.space.seen_pairs)
+    loader = self.loaders.get(split)
+    cached = loader.dataset.base if isinstance(getattr(loader, "dataset", None), PartnerSplit) else getattr(loader, "dataset", None)
+    if isinstance(cached, FeatureSplit):  # read the cache in batches into one pre-allocated tensor
+        out, size = None, self.cfg.eval_batch_size
+        with torch.no_grad():
+            for start in range(0, len(cached), size):
+                rows = fn(cached.rows(start, start + size).to(self.acc.device)).float().cpu()
+                if out is None: out = torch.empty((len(cached), *rows.shape[1:]))
+                out[start:start + len(rows)] = rows
+        return out, labels
+    if split not in self.eval_loaders:  # training images, but with the evaluation transform and in sample order
+        self.eval_loaders[split] = self.acc.prepare(DataLoader(self._images(split, train=False),
+                                                               batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.num_workers))
+    per_batch = lambda b: fn(method.image_features(b["image"].to(self.acc.device)))
+    return self._in_split_order(split, self.eval_loaders[split], per_batch), labels
 
-    # -- training -----------------------------------------------------------------------------
-    def fit(self) -> dict:
-        "Train (resuming if asked), select the best selectable epoch on validation AUC, test it, write metrics.json."
-        cfg, acc = self.cfg, self.acc
-        trainable = self.method.trainable and cfg.epochs > 0
-        start, best = 0, {"epoch": 0, "auc": -1.0}
-        self.acc.unwrap_model(self.method).on_fit_start(self)
-        if trainable:
-            opt = OPTIMIZERS[cfg.optimizer](self.method.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr)
-            model, opt, train_loader = acc.prepare(self.method, opt, self.loaders["train"])
-            # stepped by hand after each real optimiser step: Accelerate's wrapper would step it once per process
-            schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, math.ceil(len(train_loader) / cfg.grad_accum)))
-            last = self.run_dir / RUN_FILES["last"]
-            if cfg.resume and last.exists():
-                state = torch.load(last, map_location="cpu", weights_only=True)
-                acc.unwrap_model(model).load_trainable_state_dict(state["method"])
-                opt.load_state_dict(state["optimizer"]); schedule.load_state_dict(state["schedule"])
-                start, best, self.history = state["epoch"], state["best"], state["history"]
-                acc.print(f"resumed {self.run_dir.name} after epoch {start}")
-            for epoch in range(start + 1, cfg.epochs + 1):
-                seed_everything(cfg.seed + epoch)
-                # on the prepared loader: Accelerate re-sets the sampler's epoch from its own iteration counter
-                # at every __iter__, and that counter restarts at 0 in a resumed run
-                train_loader.set_epoch(epoch)
-                if isinstance(self.loaders["train"].dataset, PartnerSplit): self.loaders["train"].dataset.set_epoch(epoch)
-                method = acc.unwrap_model(model)
-                method.on_epoch_start(epoch, cfg.epochs)
-                lr = opt.param_groups[0]["lr"]
-                losses = self._train_epoch(model, opt, schedule, train_loader, epoch)
-                val = self.evaluate("val")
-                self.history.append({"epoch": epoch, "lr": lr, **losses, "val_auc": val["auc"], "val_best_hm": val["best_hm"],
-                                     "selectable": method.selectable})
-                if method.selectable and val["auc"] > best["auc"]:  # an early stage's model is never the answer
-                    best = {"epoch": epoch, "auc": val["auc"]}
-                    if acc.is_main_process: torch.save(method.trainable_state_dict(), self.run_dir / RUN_FILES["best"])
-                if acc.is_main_process:
-                    torch.save({"method": method.trainable_state_dict(), "optimizer": opt.state_dict(),
-                                "schedule": schedule.state_dict(), "epoch": epoch, "best": best, "history": self.history},
-                               self.run_dir / RUN_FILES["last"])
-                acc.print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.history[-1].items()
-                                                         if k not in ("epoch", "selectable")))
-                acc.wait_for_everyone()
-            if best["epoch"] == 0:
-                raise RuntimeError(f"no epoch of {cfg.epochs} trained the full model of {cfg.method!r}, so none can be selected")
-            best_state = torch.load(self.run_dir / RUN_FILES["best"], map_location="cpu", weights_only=True)
-            self.method.load_trainable_state_dict(best_state)
-        self.method.on_fit_end(self)
-        # what on_fit_start/on_fit_end set (memories, a bank, an init_from model) belongs to the tested model, even after 0 epochs
-        if self.method.trainable and acc.is_main_process:
-            torch.save(self.method.trainable_state_dict(), self.run_dir / RUN_FILES["best"])
-        return self.test(best["epoch"])
+# %% ../nbs/30_learner.ipynb #bbcd8c2c
+@patch_to(Learner)
+def fit(self: Learner) -> dict:
+    "Train (resuming if asked), select the best selectable epoch on validation AUC, test it, write metrics.json."
+    cfg, acc = self.cfg, self.acc
+    trainable = self.method.trainable and cfg.epochs > 0
+    start, best = 0, {"epoch": 0, "auc": -1.0}
+    self.acc.unwrap_model(self.method).on_fit_start(self)
+    if trainable:
+        opt = OPTIMIZERS[cfg.optimizer](self.method.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr)
+        model, opt, train_loader = acc.prepare(self.method, opt, self.loaders["train"])
+        # stepped by hand after each real optimiser step: Accelerate's wrapper would step it once per process
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, math.ceil(len(train_loader) / cfg.grad_accum)))
+        last = self.run_dir / RUN_FILES["last"]
+        if cfg.resume and last.exists():
+            state = torch.load(last, map_location="cpu", weights_only=True)
+            acc.unwrap_model(model).load_trainable_state_dict(state["method"])
+            opt.load_state_dict(state["optimizer"]); schedule.load_state_dict(state["schedule"])
+            start, best, self.history = state["epoch"], state["best"], state["history"]
+            acc.print(f"resumed {self.run_dir.name} after epoch {start}")
+        for epoch in range(start + 1, cfg.epochs + 1):
+            seed_everything(cfg.seed + epoch)
+            # on the prepared loader: Accelerate re-sets the sampler's epoch from its own iteration counter
+            # at every __iter__, and that counter restarts at 0 in a resumed run
+            train_loader.set_epoch(epoch)
+            if hasattr(self.loaders["train"].dataset, "set_epoch"): self.loaders["train"].dataset.set_epoch(epoch)
+            method = acc.unwrap_model(model)
+            method.on_epoch_start(epoch, cfg.epochs)
+            lr = opt.param_groups[0]["lr"]
+            losses = self._train_epoch(model, opt, schedule, train_loader, epoch)
+            val = self.evaluate("val")
+            self.history.append({"epoch": epoch, "lr": lr, **losses, "val_auc": val["auc"], "val_best_hm": val["best_hm"],
+                                 "selectable": method.selectable})
+            if method.selectable and val["auc"] > best["auc"]:  # an early stage's model is never the answer
+                best = {"epoch": epoch, "auc": val["auc"]}
+                if acc.is_main_process: torch.save(method.trainable_state_dict(), self.run_dir / RUN_FILES["best"])
+            if acc.is_main_process:
+                torch.save({"method": method.trainable_state_dict(), "optimizer": opt.state_dict(),
+                            "schedule": schedule.state_dict(), "epoch": epoch, "best": best, "history": self.history},
+                           self.run_dir / RUN_FILES["last"])
+            acc.print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.history[-1].items()
+                                                     if k not in ("epoch", "selectable")))
+            acc.wait_for_everyone()
+        if best["epoch"] == 0:
+            raise RuntimeError(f"no epoch of {cfg.epochs} trained the full model of {cfg.method!r}, so none can be selected")
+        best_state = torch.load(self.run_dir / RUN_FILES["best"], map_location="cpu", weights_only=True)
+        self.method.load_trainable_state_dict(best_state)
+    self.method.on_fit_end(self)
+    # what on_fit_start/on_fit_end set (memories, a bank, an init_from model) belongs to the tested model, even after 0 epochs
+    if self.method.trainable and acc.is_main_process:
+        torch.save(self.method.trainable_state_dict(), self.run_dir / RUN_FILES["best"])
+    return self.test(best["epoch"])
 
-    def _train_epoch(self, model, opt, schedule, loader, epoch: int) -> dict[str, float]:
-        model.train()
-        sums: dict[str, float] = {}
-        n = 0
-        for batch in tqdm(loader, desc=f"epoch {epoch}", disable=not self.acc.is_main_process, leave=False):
-            with self.acc.accumulate(model), self.acc.autocast():
-                terms = model(batch)
-                loss = sum(terms.values())
-                self.acc.backward(loss)
-                opt.step(); opt.zero_grad()
-                if self.acc.sync_gradients: schedule.step()  # one schedule step per real optimiser step
-            for k, v in {**terms, "loss": loss}.items(): sums[k] = sums.get(k, 0.0) + float(v.detach())
-            n += 1
-        return {k: v / max(n, 1) for k, v in sums.items()}
+# %% ../nbs/30_learner.ipynb #49b86eb6
+@patch_to(Learner)
+def _train_epoch(self: Learner, model, opt, schedule, loader, epoch: int) -> dict[str, float]:
+    model.train()
+    sums: dict[str, float] = {}
+    n = 0
+    for batch in tqdm(loader, desc=f"epoch {epoch}", disable=not self.acc.is_main_process, leave=False):
+        with self.acc.accumulate(model), self.acc.autocast():
+            terms = model(batch)
+            loss = sum(terms.values())
+            self.acc.backward(loss)
+            opt.step(); opt.zero_grad()
+            if self.acc.sync_gradients: schedule.step()  # one schedule step per real optimiser step
+        for k, v in {**terms, "loss": loss}.items():  # the mean over every process's share of the batch
+            sums[k] = sums.get(k, 0.0) + float(self.acc.reduce(v.detach(), reduction="mean"))
+        n += 1
+    return {k: v / max(n, 1) for k, v in sums.items()}
 
-    # -- evaluation ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def score_split(self, split: str, pairs) -> torch.Tensor:
-        "[N, P] float32 scores of a split's images (sample order, each exactly once) against `pairs`, on every rank."
-        method = self.acc.unwrap_model(self.method); method.eval()
-        score = method.scorer(self.space.ids(pairs).to(self.acc.device))
-        def per_batch(batch):
-            feats = batch["features"] if "features" in batch else method.image_features(batch["image"].to(self.acc.device))
-            return score(feats.to(self.acc.device))
-        return self._in_split_order(split, self.eval_loaders[split], per_batch)
+# %% ../nbs/30_learner.ipynb #dc684be0
+@patch_to(Learner)
+@torch.no_grad()
+def score_split(self: Learner, split: str, pairs) -> torch.Tensor:
+    "[N, P] float32 scores of a split's images (sample order, each exactly once) against `pairs`, on every rank."
+    method = self.acc.unwrap_model(self.method); method.eval()
+    score = method.scorer(self.space.ids(pairs).to(self.acc.device))
+    def per_batch(batch):
+        feats = batch["features"] if "features" in batch else method.image_features(batch["image"].to(self.acc.device))
+        return score(feats.to(self.acc.device))
+    return self._in_split_order(split, self.eval_loaders[split], per_batch)
 
-    def evaluate(self, split: str, open_world: bool = False, scores: torch.Tensor | None = None, topk: int = 1) -> dict:
-        "The standard protocol on one split: closed world (train + split pairs) or open world (all pairs), uncalibrated."
-        pairs = self.data.candidate_pairs(open_world)
-        if scores is None: scores = self.score_split(split, pairs)
-        attr, obj = self.data.labels(split)
-        return evaluate(scores, attr, obj, self.data.pair_ids(pairs), self.data.pair_ids(self.data.train_pairs),
-                        None if open_world else self.data.pair_ids(self.data.split_pairs[split]), topk=topk)
+@patch_to(Learner)
+def evaluate(self: Learner, split: str, open_world: bool = False, scores: torch.Tensor | None = None,
+             topk: int = 1) -> dict:
+    "The standard protocol on one split: closed world (train + split pairs) or open world (all pairs), uncalibrated."
+    pairs = self.data.candidate_pairs(open_world)
+    if scores is None: scores = self.score_split(split, pairs)
+    attr, obj = self.data.labels(split)
+    return evaluate_scores(scores, attr, obj, self.data.pair_ids(pairs), self.data.pair_ids(self.data.train_pairs),
+                    None if open_world else self.data.pair_ids(self.data.split_pairs[split]), topk=topk)
 
-    @torch.no_grad()  # a method may train text-tower parameters (EVA's text experts)
-    def feasibility(self) -> torch.Tensor:
-        "[P_open] feasibility of every open-world pair (CompCos/CSP) from the backbone's text embeddings of the words."
-        words = lambda names: encode_prompts(self.backbone, [f"a photo of {clean_name(n)}" for n in names])
-        return feasibility_scores(self.data.pair_ids(self.data.open_pairs), self.data.pair_ids(self.data.train_pairs),
-                                  words(self.data.attrs), words(self.data.objs))
+@patch_to(Learner)
+@torch.no_grad()  # a method may train text-tower parameters (EVA's text experts)
+def feasibility(self: Learner) -> torch.Tensor:
+    "[P_open] feasibility of every open-world pair (CompCos/CSP) from the backbone's text embeddings of the words."
+    words = lambda names: encode_prompts(self.backbone, [f"a photo of {clean_name(n)}" for n in names])
+    return feasibility_scores(self.data.pair_ids(self.data.open_pairs), self.data.pair_ids(self.data.train_pairs),
+                              words(self.data.attrs), words(self.data.objs))
 
-    def open_world_results(self, split: str, topk: int = 1) -> dict:
-        "Open-world metrics of a split, with the feasibility threshold picked on validation AUC (and without it)."
-        pairs, mode = self.data.open_pairs, self.cfg.feasibility_mode
-        feas, seen = self.feasibility(), self.data.seen_mask(pairs)
-        val_scores = self.score_split("val", pairs)
-        attr, obj = self.data.labels("val")
-        calib = calibrate_feasibility(val_scores, attr, obj, self.data.pair_ids(pairs), self.data.pair_ids(self.data.train_pairs),
-                                      feas, mode=mode, topk=topk)
-        raw = val_scores if split == "val" else self.score_split(split, pairs)
-        calibrated = apply_feasibility(raw, feas, calib["threshold"], seen, mode=mode)
-        return {"open": {**self.evaluate(split, True, calibrated, topk), "feasibility_threshold": float(calib["threshold"])},
-                "open_uncalibrated": self.evaluate(split, True, raw, topk)}
+@patch_to(Learner)
+def open_world_results(self: Learner, split: str, topk: int = 1) -> dict:
+    "Open-world metrics of a split, with the feasibility threshold picked on validation AUC (and without it)."
+    pairs, mode = self.data.open_pairs, self.cfg.feasibility_mode
+    feas, seen = self.feasibility(), self.data.seen_mask(pairs)
+    val_scores = self.score_split("val", pairs)
+    attr, obj = self.data.labels("val")
+    calib = calibrate_feasibility(val_scores, attr, obj, self.data.pair_ids(pairs), self.data.pair_ids(self.data.train_pairs),
+                                  feas, mode=mode, topk=topk)
+    raw = val_scores if split == "val" else self.score_split(split, pairs)
+    calibrated = apply_feasibility(raw, feas, calib["threshold"], seen, mode=mode)
+    return {"open": {**self.evaluate(split, True, calibrated, topk), "feasibility_threshold": float(calib["threshold"])},
+            "open_uncalibrated": self.evaluate(split, True, raw, topk)}
 
-    def test(self, epoch: int) -> dict:
-        "Test the selected epoch; write metrics.json, plots and the raw closed-world test scores."
-        cfg = self.cfg
-        test_scores = self.score_split("test", self.data.pairs)
-        results = {"val": self.evaluate("val"), "test": {"closed": self.evaluate("test", scores=test_scores)},
-                   "epoch": epoch, "git_commit": git_commit(), "method": cfg.method, "dataset": cfg.dataset,
-                   "backbone": cfg.backbone, "seed": cfg.seed}
-        if cfg.open_world: results["test"].update(self.open_world_results("test"))
-        if self.acc.is_main_process: self._write_results(results, test_scores)
-        return results
+# %% ../nbs/30_learner.ipynb #118172c6
+@patch_to(Learner)
+def test(self: Learner, epoch: int) -> dict:
+    "Test the selected epoch; write metrics.json, plots and the raw closed-world test scores."
+    cfg = self.cfg
+    test_scores = self.score_split("test", self.data.pairs)
+    results = {"val": self.evaluate("val"), "test": {"closed": self.evaluate("test", scores=test_scores)},
+               "epoch": epoch, "git_commit": git_commit(), "method": cfg.method, "dataset": cfg.dataset,
+               "backbone": cfg.backbone, "seed": cfg.seed}
+    if cfg.open_world: results["test"].update(self.open_world_results("test"))
+    if self.acc.is_main_process: self._write_results(results, test_scores)
+    self.acc.wait_for_everyone()  # every process returns after the run's files are written
+    return results
 
-    def _write_results(self, results: dict, test_scores: torch.Tensor) -> None:
-        import matplotlib; import matplotlib.pyplot as plt
-        d = self.run_dir
-        names = lambda pairs: np.array(pairs, dtype=str).reshape(-1, 2)
-        samples = self.data.samples["test"]
-        np.savez_compressed(d / RUN_FILES["scores"], scores=test_scores.numpy().astype(np.float32), pairs=names(self.data.pairs),
-                            attr=np.array([s.attr for s in samples], dtype=str), obj=np.array([s.obj for s in samples], dtype=str),
-                            seen_pairs=names(self.data.train_pairs), eval_pairs=names(self.data.test_pairs))
-        (d / RUN_FILES["history"]).write_text(json.dumps(self.history, indent=1))
-        for world, res in results["test"].items():
-            if world == "open_uncalibrated": continue
-            ax = plot_curve(res, title=f"{self.cfg.run_name}: test, {world} world")
-            ax.figure.savefig(d / f"curve_test_{world}.png", dpi=120, bbox_inches="tight"); plt.close(ax.figure)
-        if self.history:
-            fig, ax = plt.subplots(figsize=(5, 3.2))
-            epochs = [h["epoch"] for h in self.history]
-            terms = [k for k in self.history[0] if k.endswith("_loss")]
-            for key in terms + (["loss"] if len(terms) > 1 else []):  # the total only when it differs from the one term
-                ax.plot(epochs, [h[key] for h in self.history], marker="o", label=key)
-            ax2 = ax.twinx(); ax2.plot(epochs, [h["val_auc"] for h in self.history], color="k", ls="--", label="val AUC")
-            ax.set_xlabel("epoch"); ax.set_ylabel("training loss"); ax2.set_ylabel("validation AUC")
-            ax.legend(loc="upper left", fontsize=8); ax2.legend(loc="upper right", fontsize=8)
-            fig.savefig(d / RUN_FILES["loss_curve"], dpi=120, bbox_inches="tight"); plt.close(fig)
-        (d / RUN_FILES["metrics"]).write_text(json.dumps(results, indent=1))
+@patch_to(Learner)
+def _write_results(self: Learner, results: dict, test_scores: torch.Tensor) -> None:
+    import matplotlib; import matplotlib.pyplot as plt
+    d = self.run_dir
+    names = lambda pairs: np.array(pairs, dtype=str).reshape(-1, 2)
+    samples = self.data.samples["test"]
+    np.savez_compressed(d / RUN_FILES["scores"], scores=test_scores.numpy().astype(np.float32), pairs=names(self.data.pairs),
+                        attr=np.array([s.attr for s in samples], dtype=str), obj=np.array([s.obj for s in samples], dtype=str),
+                        seen_pairs=names(self.data.train_pairs), eval_pairs=names(self.data.test_pairs))
+    (d / RUN_FILES["history"]).write_text(json.dumps(self.history, indent=1))
+    for world, res in results["test"].items():
+        if world == "open_uncalibrated": continue
+        ax = plot_curve(res, title=f"{self.cfg.run_name}: test, {world} world")
+        ax.figure.savefig(d / f"curve_test_{world}.png", dpi=120, bbox_inches="tight"); plt.close(ax.figure)
+    if self.history:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        epochs = [h["epoch"] for h in self.history]
+        terms = [k for k in self.history[0] if k.endswith("_loss")]
+        for key in terms + (["loss"] if len(terms) > 1 else []):  # the total only when it differs from the one term
+            ax.plot(epochs, [h[key] for h in self.history], marker="o", label=key)
+        ax2 = ax.twinx(); ax2.plot(epochs, [h["val_auc"] for h in self.history], color="k", ls="--", label="val AUC")
+        ax.set_xlabel("epoch"); ax.set_ylabel("training loss"); ax2.set_ylabel("validation AUC")
+        ax.legend(loc="upper left", fontsize=8); ax2.legend(loc="upper right", fontsize=8)
+        fig.savefig(d / RUN_FILES["loss_curve"], dpi=120, bbox_inches="tight"); plt.close(fig)
+    (d / RUN_FILES["metrics"]).write_text(json.dumps(results, indent=1))
 
 # %% ../nbs/30_learner.ipynb #fc3c2d54
 def split_parameters(values: dict, method: str) -> tuple[dict, dict]:
@@ -510,9 +656,23 @@ def resolve_parameters(values: dict) -> tuple[TrainConfig, dict]:
 def _train_worker(cfg: TrainConfig, run_dir: Path, method_params: dict) -> None:
     Learner(cfg, run_dir, method_params).fit()
 
+def launched_externally() -> bool:
+    "Whether this process is one of several that a distributed launcher (accelerate launch, torchrun) started."
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
 def launch(cfg: TrainConfig, method_params: dict | None = None, runs_root: Path | None = None) -> dict:
-    "Validate, prepare `runs/<run>`, train (in `cfg.num_processes` processes) and return metrics.json."
+    "Validate, prepare `runs/<run>`, train (here, in `cfg.num_processes` processes, or as one of a launched job); return metrics.json."
     method_params = method_params or {}
+    if launched_externally():
+        if cfg.num_processes > 1:
+            raise ValueError(f"parameter num_processes={cfg.num_processes}: this process was started by a distributed launcher, "
+                             "which already set the number of processes; leave num_processes at 1")
+        state = PartialState(cpu=not cfg.uses_cuda)
+        if state.is_main_process: prepare_run_dir(cfg, run_params(cfg, method_params), runs_root)
+        state.wait_for_everyone()
+        run_dir = Path(runs_root or runs_dir()) / cfg.run_name
+        _train_worker(cfg, run_dir, method_params)
+        return json.loads((run_dir / RUN_FILES["metrics"]).read_text())
     run_dir = prepare_run_dir(cfg, run_params(cfg, method_params), runs_root)
     if cfg.num_processes > 1:
         notebook_launcher(_train_worker, (cfg, run_dir, method_params), num_processes=cfg.num_processes,
@@ -677,9 +837,14 @@ def train_cli(argv: list[str] | None = None) -> None:
     root = project_root()
     if root is None or not (root / "nbs" / "train.ipynb").is_file():
         raise FileNotFoundError("czsl-train runs nbs/train.ipynb from a czsl_nb checkout; run it inside the repository")
-    run_dir = check_run_dir(cfg)
-    out, n = run_dir / "out.ipynb", 0
-    while out.exists(): n += 1; out = run_dir / f"out-resume-{n}.ipynb"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ.get("RANK", "0"))  # under accelerate launch every process runs this; the first one checks
+    if rank == 0:
+        run_dir = check_run_dir(cfg)
+        out, n = run_dir / "out.ipynb", 0
+        while out.exists(): n += 1; out = run_dir / f"out-resume-{n}.ipynb"
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:  # the other processes' executed notebooks would only repeat the first one's
+        import tempfile
+        out = Path(tempfile.mkdtemp(prefix="czsl-train-")) / f"out-rank{rank}.ipynb"
     print(f"executing nbs/train.ipynb -> {out}")
     papermill.execute_notebook(str(root / "nbs" / "train.ipynb"), str(out), parameters=values, cwd=str(root))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_methods.ipynb #1cd3c4b1
 from __future__ import annotations
-import math, re
+import json, math, re
 from dataclasses import dataclass, field, fields, asdict, MISSING
 from typing import Any, Callable, Literal, Sequence, get_args, get_origin, get_type_hints
 import torch
@@ -182,6 +182,11 @@ class CZSLMethod(nn.Module):
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         "[B, D] pooled CLIP image features (float32); override to return tokens or more."
         return self.backbone.encode_image(images)
+
+    def feature_spec(self) -> str:
+        "What `image_features` computes, in the feature cache's key: methods that compute the same features share a cache."
+        if type(self).image_features is CZSLMethod.image_features: return "pooled"
+        return f"{type(self).__module__}.{type(self).__qualname__}:{json.dumps(self.hparams, sort_keys=True, default=str)}"
 
     def batch_features(self, batch: dict) -> torch.Tensor:
         "The batch's cached `features`, or its `image`s encoded now (partner batches too)."

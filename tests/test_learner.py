@@ -135,6 +135,50 @@ def test_two_cpu_processes_train_and_score_each_image_once(toy, tiny_config, tmp
     assert (tmp_path / "ddp" / "checkpoint_best.pt").exists()
     assert np.load(tmp_path / "ddp" / "test_scores.npz")["scores"].shape[0] == 3
 
+_LAUNCHED = """import json, sys, warnings; warnings.filterwarnings("ignore")
+import czsl_nb.all
+from pathlib import Path
+from czsl_nb.learner import TrainConfig, launch
+cfg, hparams, runs = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+launch(TrainConfig(**cfg), hparams, runs_root=Path(runs))
+"""
+
+def _numbers(metrics):
+    "Every number of a metrics.json, by its path (commit and float-level bias terms aside)."
+    out = {}
+    def walk(value, path):
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else None
+        if items is None:
+            if isinstance(value, (int, float)): out[path] = value
+            return
+        for k, v in items:
+            if k not in ("git_commit", "bias_term", "biases"): walk(v, f"{path}.{k}")
+    walk(metrics, "")
+    return out
+
+@pytest.mark.parametrize("method, hparams", [("csp", {}), ("sam", {"vac_dropout": 0.0})])
+def test_accelerate_launch_two_processes_match_one(method, hparams, toy, tiny_config, tmp_path):
+    """`accelerate launch` with two CPU processes (gloo) trains and tests as one process: CSP on cached features, and
+    SAM with its online memory bank, which every process updates from every test image in the one fixed order.
+    batch_size divides the toy training split, so each batch splits evenly; VAC's dropout is off because each
+    process would draw its own mask for its share of the batch."""
+    settings = dict(method=method, epochs=2, batch_size=2)
+    one = launch(_cfg(toy, tiny_config, run="one", **settings), hparams, runs_root=tmp_path)
+    script = tmp_path / "launched.py"
+    script.write_text(_LAUNCHED)
+    cfg = json.dumps({"method": method, "dataset": str(toy), "backbone": str(tiny_config), "lr": 1e-2, "seed": 0,
+                      "run": "two", **settings})
+    port = str(29700 + os.getpid() % 200)
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
+                        str(script), cfg, json.dumps(hparams), str(tmp_path)], capture_output=True, text=True, timeout=600,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert _numbers(two) == pytest.approx(_numbers(one), abs=1e-6)
+    assert [h["loss"] for h in json.loads((tmp_path / "two" / "history.json").read_text())] == pytest.approx(
+        [h["loss"] for h in json.loads((tmp_path / "one" / "history.json").read_text())], abs=1e-5)
+
 def _papermill(args, runs, tmp_path):
     env = {**os.environ, "CZSL_NB_RUNS": str(runs), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "papermill", str(REPO / "nbs" / "train.ipynb"), str(tmp_path / "out.ipynb"),
