@@ -17,6 +17,7 @@ lic = licenses[cfg["license"]]
 min_python = cfg["min_python"]
 requirements = shlex.split(cfg.get("requirements", ""))
 dev_requirements = shlex.split(cfg.get("dev_requirements", ""))
+lab_requirements = shlex.split(cfg.get("lab_requirements", ""))  # JupyterLab, to read and run the notebooks
 console_scripts = cfg.get("console_scripts", "").split()
 
 setuptools.setup(
@@ -33,7 +34,7 @@ setuptools.setup(
     include_package_data=True,
     package_data={"czsl_nb": ["assets/*"]},
     install_requires=requirements,
-    extras_require={"dev": dev_requirements},
+    extras_require={"dev": dev_requirements, "lab": lab_requirements},
     python_requires=">=" + min_python,
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

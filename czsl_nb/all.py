@@ -1,26 +1,7 @@
-"""Import every czsl_nb module, so that every method registers itself (hand-written, like fastcore.all)."""
-from .core import *  # noqa: F401,F403
-from .data import *  # noqa: F401,F403
-from .metrics import *  # noqa: F401,F403
-from .synthetic import *  # noqa: F401,F403
-from .backbone import *  # noqa: F401,F403
-from .mini_clip import *  # noqa: F401,F403
-from .prompts import *  # noqa: F401,F403
-from .methods import *  # noqa: F401,F403
-from .clip_zeroshot import *  # noqa: F401,F403
-from .csp import *  # noqa: F401,F403
-from .learner import *  # noqa: F401,F403
-from .fusion import *  # noqa: F401,F403
-from .sepfusion import *  # noqa: F401,F403
-from .smoothing import *  # noqa: F401,F403
-from .word_embeddings import *  # noqa: F401,F403
-from .trident_features import *  # noqa: F401,F403
-from .trident import *  # noqa: F401,F403
-from .moe_lora import *  # noqa: F401,F403
-from .eva import *  # noqa: F401,F403
-from .hopfield import *  # noqa: F401,F403
-from .soft_moe import *  # noqa: F401,F403
-from .hope import *  # noqa: F401,F403
-from .sparse_alignment import *  # noqa: F401,F403
-from .memory_bank import *  # noqa: F401,F403
-from .sam import *  # noqa: F401,F403
+"""Import every czsl_nb module, so that every method is registered (hand-written, like fastcore.all).
+
+No list to keep up to date: `czsl_nb.methods.list_methods` walks the package and reads the
+`czsl_nb.methods` entry points of installed packages."""
+from .methods import list_methods
+
+list_methods()

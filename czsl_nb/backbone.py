@@ -17,9 +17,9 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import VisionTransformer, text_global_pool
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'FREEZE_POLICIES', 'TINY_CLIP_CONFIG', 'resolve_model_name', 'WeightsUnavailableError', 'is_offline',
-           'host_reachable', 'cached_pretrained', 'resolve_pretrained', 'load_weights', 'CLIPBackbone', 'patch_to',
-           'ImageTokens', 'tiny_backbone']
+__all__ = ['MODEL_PRECISIONS', 'FREEZE_POLICIES', 'TINY_CLIP_CONFIG', 'resolve_model_name', 'WeightsUnavailableError',
+           'is_offline', 'host_reachable', 'cached_pretrained', 'resolve_pretrained', 'load_weights', 'CLIPBackbone',
+           'patch_to', 'ImageTokens', 'tiny_backbone']
 
 # %% ../nbs/03_backbone.ipynb #f936f542
 def resolve_model_name(name: str | Path) -> str:
@@ -145,12 +145,12 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise ValueError(f"{path}: checkpoint does not fit this model ({type(e).__name__}: {str(e)[:500]})") from e
 
 # %% ../nbs/03_backbone.ipynb #c290eea1
-PRECISIONS = ("fp32", "amp", "amp_fp16", "amp_bf16", "fp16", "bf16", "pure_fp16", "pure_bf16")
+MODEL_PRECISIONS = ("fp32", "amp", "amp_fp16", "amp_bf16", "fp16", "bf16", "pure_fp16", "pure_bf16")
 FREEZE_POLICIES = ("all", "none", "image", "text")
 _AMP_DTYPES = {"amp": torch.float16, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
 
 def _check_precision(precision: str) -> str:
-    if precision not in PRECISIONS: raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if precision not in MODEL_PRECISIONS: raise ValueError(f"unknown precision {precision!r}; choose one of {MODEL_PRECISIONS}")
     return precision
 
 class CLIPBackbone(nn.Module):
@@ -160,7 +160,7 @@ class CLIPBackbone(nn.Module):
                  tokenizer=None,  # open_clip tokenizer; default: the BPE SimpleTokenizer
                  preprocess=None,  # eval image transform; default: built from model.visual.preprocess_cfg
                  train_transform=None,  # training image transform; default: open_clip's
-                 precision: str = "fp32",  # the precision `model` was built with (one of PRECISIONS)
+                 precision: str = "fp32",  # the precision `model` was built with (one of MODEL_PRECISIONS)
                  name: str | None = None,  # open_clip model name, for the record
                  pretrained: str | None = None):  # where the weights came from, for the record
         super().__init__()
@@ -181,7 +181,7 @@ class CLIPBackbone(nn.Module):
                name: str | Path,  # open_clip model name (e.g. "ViT-L-14") or path to a model-config JSON
                pretrained: str | Path | None = None,  # None (random), an open_clip tag ("openai") or a checkpoint file
                device: str | torch.device = "cpu",
-               precision: str = "fp32",  # one of PRECISIONS; "amp" = fp32 weights + autocast on CUDA
+               precision: str = "fp32",  # one of MODEL_PRECISIONS; "amp" = fp32 weights + autocast on CUDA
                cache_dir: str | None = None,  # where open_clip looks for / downloads tag weights
                quick_gelu: bool | None = None,  # None: as the pretrained tag requires; else force it on/off
                **open_clip_kwargs):  # passed to open_clip.create_model_and_transforms (e.g. aug_cfg, force_image_size)

@@ -4,14 +4,15 @@
 
 # %% ../nbs/00_core.ipynb #53edb467
 from __future__ import annotations
-import glob, importlib, importlib.util, os, random, sys
+import glob, importlib.util, os, random, sys, time
 from pathlib import Path
+from typing import Iterable, Iterator
 import numpy as np
 import torch
 
 # %% auto #0
 __all__ = ['METHODS', 'patch_torchvision', 'project_root', 'cache_dir', 'runs_dir', 'read_params_file', 'seed_everything',
-           'register', 'list_methods', 'get_method']
+           'register', 'progress']
 
 # %% ../nbs/00_core.ipynb #c602983d
 _TORCHVISION_SCHEMAS = {
@@ -87,10 +88,6 @@ def seed_everything(seed: int) -> None:
 # %% ../nbs/00_core.ipynb #47bc2a15
 METHODS: dict[str, type] = {}
 
-def _load_builtin_methods() -> None:
-    "Import every built-in method module once so their `@register` lines run (no-op while that import is under way)."
-    if "czsl_nb.all" not in sys.modules: importlib.import_module("czsl_nb.all")
-
 def register(name: str):
     "Class decorator: register a method under `name` (each name once; re-running the defining cell replaces it)."
     def deco(cls):
@@ -101,14 +98,13 @@ def register(name: str):
         return cls
     return deco
 
-def list_methods() -> list[str]:
-    "Names of every registered method, sorted."
-    _load_builtin_methods()
-    return sorted(METHODS)
-
-def get_method(name: str) -> type:
-    "The method registered as `name`; the error lists the valid names."
-    if name not in METHODS: _load_builtin_methods()
-    if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; registered methods: {', '.join(list_methods()) or '(none)'}")
-    return METHODS[name]
+# %% ../nbs/00_core.ipynb #1b082bab
+def progress(items: Iterable, desc: str, total: int | None = None, enabled: bool = True) -> Iterator:
+    "Iterate `items`: a tqdm bar in a terminal; elsewhere (Jupyter, papermill, logs) one line when the loop ends."
+    if not enabled: yield from items; return
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        yield from tqdm(items, desc=desc, total=total, leave=False); return
+    start, n = time.perf_counter(), 0
+    for n, item in enumerate(items, 1): yield item
+    print(f"{desc}: {n} steps in {time.perf_counter() - start:.1f} s")

@@ -15,18 +15,17 @@ import yaml
 from accelerate import Accelerator, PartialState, notebook_launcher
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
-from .core import cache_dir, get_method, list_methods, project_root, read_params_file, runs_dir, seed_everything
+from .core import cache_dir, progress, project_root, read_params_file, runs_dir, seed_everything
 from .data import CompositionData, CompositionSplit, SPLITS, clean_name
 from .metrics import evaluate as evaluate_scores, plot_curve, feasibility_scores, calibrate_feasibility, apply_feasibility
 from .backbone import CLIPBackbone, patch_to, tiny_backbone
 from .mini_clip import load_backbone
 from .synthetic import synthetic_world
-from .methods import CZSLMethod, LabelSpace, Params, default_values, hparam, valid_values
+from .methods import CZSLMethod, LabelSpace, Params, default_values, get_method, hparam, list_methods, valid_values
 from .prompts import encode_prompts
 
 # %% auto #0
-__all__ = ['LR_SCHEDULES', 'DEVICES', 'PRECISIONS', 'OPTIMIZERS', 'FEASIBILITY_MODES', 'FEATURE_CACHE_DTYPES', 'RUN_FILES',
+__all__ = ['LR_SCHEDULES', 'DEVICES', 'MIXED_PRECISIONS', 'OPTIMIZERS', 'FEASIBILITY_MODES', 'FEATURE_CACHE_DTYPES', 'RUN_FILES',
            'FEATURE_CACHE_VERSION', 'RESULT_KEYS', 'lr_factor', 'probe_method_values', 'TrainConfig', 'git_commit',
            'provenance', 'run_params', 'read_run_params', 'check_run_dir', 'prepare_run_dir', 'FeatureSplit',
            'EpochShuffle', 'FixedShuffle', 'SeededItems', 'PartnerSplit', 'resolve_dataset', 'limit_train_images',
@@ -67,7 +66,7 @@ def probe_method_values(method: str, hparams: dict) -> None:
     finally: torch.set_num_threads(threads)
 
 DEVICES = ("cpu", "cuda", "auto")  # auto: cuda when available
-PRECISIONS = ("no", "fp16", "bf16")  # Accelerate's mixed_precision values
+MIXED_PRECISIONS = ("no", "fp16", "bf16")  # Accelerate's mixed_precision (the backbone's weights: MODEL_PRECISIONS)
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 FEASIBILITY_MODES = ("multiply", "mask")
 FEATURE_CACHE_DTYPES = ("auto", "float16", "float32")  # auto: float16 for token arrays, float32 for pooled features
@@ -109,7 +108,7 @@ class TrainConfig(Params):
                                         "drawn by seed (0 = all)", range="[0, inf)")
     seed: int = hparam(0, "seeds initialisation, data order and every epoch's randomness", range="[0, inf)")
     device: Literal[DEVICES] = hparam("cpu", "cpu, cuda, or auto (cuda when available)")
-    precision: Literal[PRECISIONS] = hparam("no", "mixed precision on CUDA: no, fp16 or bf16")
+    precision: Literal[MIXED_PRECISIONS] = hparam("no", "mixed precision on CUDA: no, fp16 or bf16")
     num_processes: int = hparam(1, ">1 launches data-parallel processes (gloo on CPU, NCCL on GPUs)", range="[1, inf)")
     num_workers: int = hparam(0, "DataLoader workers for image loading", range="[0, inf)")
     run: str = hparam("", "run folder under runs/ (empty: <method>-<dataset>-s<seed>)")
@@ -391,7 +390,7 @@ def _each_batch_in_split(self: Learner, split: str, loader, per_batch, sink, des
     n = len(self.data.samples[split])
     seen = torch.zeros(n, dtype=torch.bool)
     sharded = type(loader) is not DataLoader  # prepared by Accelerate; a plain loader holds the whole split on every rank
-    for batch in tqdm(loader, desc=desc, disable=desc is None or not self.acc.is_main_process, leave=False):
+    for batch in progress(loader, desc or "", enabled=desc is not None and self.acc.is_main_process):
         with self.acc.autocast(): rows = per_batch(batch).float()
         index = batch["index"].to(rows.device)
         if sharded: rows, index = self.acc.gather_for_metrics((rows, index))
@@ -540,7 +539,7 @@ def _train_epoch(self: Learner, model, opt, schedule, loader, epoch: int) -> dic
     model.train()
     sums: dict[str, float] = {}
     n = 0
-    for batch in tqdm(loader, desc=f"epoch {epoch}", disable=not self.acc.is_main_process, leave=False):
+    for batch in progress(loader, f"epoch {epoch} batches", enabled=self.acc.is_main_process):
         with self.acc.accumulate(model), self.acc.autocast():
             terms = model(batch)
             loss = sum(terms.values())

@@ -4,17 +4,18 @@
 
 # %% ../nbs/20_methods.ipynb #1cd3c4b1
 from __future__ import annotations
-import json, math, re
+import importlib, importlib.metadata, json, math, pkgutil, re
 from dataclasses import dataclass, field, fields, asdict, MISSING
 from typing import Any, Callable, Literal, Sequence, get_args, get_origin, get_type_hints
 import torch
 from torch import nn
 from .backbone import CLIPBackbone
+from .core import METHODS, register
 from .data import CompositionData, Pair
 
 # %% auto #0
-__all__ = ['LabelSpace', 'hparam', 'in_interval', 'coerce', 'Params', 'default_values', 'valid_values', 'params_table',
-           'NoParams', 'CZSLMethod', 'composed_probability']
+__all__ = ['METHOD_ENTRY_POINTS', 'LabelSpace', 'hparam', 'in_interval', 'coerce', 'Params', 'default_values', 'valid_values',
+           'params_table', 'NoParams', 'CZSLMethod', 'composed_probability', 'list_methods', 'get_method']
 
 # %% ../nbs/20_methods.ipynb #0af85a77
 @dataclass
@@ -239,3 +240,39 @@ def composed_probability(logits: dict[str, torch.Tensor],  # "pair" [B, P], "att
     "[B, P] p(c|x) + w p(a|x) p(o|x), each a softmax over the scored compositions / all attributes / all objects."
     p_attr, p_obj = logits["attr"].softmax(-1), logits["obj"].softmax(-1)
     return logits["pair"].softmax(-1) + primitive_weight * p_attr[:, pair_ids[:, 0]] * p_obj[:, pair_ids[:, 1]]
+
+# %% ../nbs/20_methods.ipynb #c6177050
+METHOD_ENTRY_POINTS = "czsl_nb.methods"
+_package_imported = False
+
+def _import_package_modules() -> None:
+    "Import every module of czsl_nb once, so that each built-in method's `@register` runs."
+    global _package_imported
+    if _package_imported: return
+    _package_imported = True  # first: the modules imported below look methods up too
+    import czsl_nb
+    for module in pkgutil.iter_modules(czsl_nb.__path__):
+        if not module.name.startswith("_") and module.name != "all": importlib.import_module(f"czsl_nb.{module.name}")
+
+def _load_entry_points() -> None:
+    "Register the methods other packages declare in the `czsl_nb.methods` entry-point group."
+    for point in importlib.metadata.entry_points(group=METHOD_ENTRY_POINTS):
+        if point.name in METHODS: continue
+        method = point.load()
+        if point.name not in METHODS:
+            # duck-typed: a notebook that defines CZSLMethod again would fail an issubclass check against its copy
+            if not (isinstance(method, type) and issubclass(method, nn.Module) and hasattr(method, "scorer")):
+                raise TypeError(f"entry point {point.name} = {point.value}: not a CZSLMethod subclass")
+            register(point.name)(method)
+
+def list_methods() -> list[str]:
+    "Names of every registered method (the package's own and other packages' entry points), sorted."
+    _import_package_modules(); _load_entry_points()
+    return sorted(METHODS)
+
+def get_method(name: str) -> type:
+    "The method registered as `name`; the error lists the valid names."
+    if name not in METHODS: list_methods()
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; registered methods: {', '.join(list_methods()) or '(none)'}")
+    return METHODS[name]

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from open_clip.loss import ClipLoss
-from tqdm.auto import tqdm
-from .core import seed_everything
+from .core import progress, seed_everything
 from .backbone import CLIPBackbone
 from .synthetic import load_corpus
 
@@ -119,7 +118,7 @@ def pretrain_mini_clip(world_root: str | Path, steps: int = 700, batch_size: int
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)
     log, start, running = [], time.time(), 0.0
-    for step in tqdm(range(1, steps + 1), desc="pretraining mini-CLIP", leave=False):
+    for step in progress(range(1, steps + 1), "pretraining mini-CLIP"):
         idx = torch.randint(0, len(pixels), (batch_size,), generator=gen)
         x = (_augment(pixels[idx].float() / 255, gen) - mean) / std
         image_features, text_features, logit_scale = model(x, tokens[idx])

@@ -136,3 +136,69 @@ def test_scores_do_not_depend_on_the_pair_chunk_size(name):
         scores[chunk] = [m.scores(feats, pairs) for pairs in (SPACE.seen_ids, OPEN)]
     for small, whole in zip(scores[2], scores[10**9]):
         assert torch.allclose(small, whole, atol=1e-5), (small - whole).abs().max()
+
+# -- registration ---------------------------------------------------------------------------------
+def test_every_method_class_in_the_package_is_registered():
+    "Walk every czsl_nb module: a CZSLMethod subclass that `list_methods()` does not know would be unreachable."
+    import importlib, inspect, pkgutil
+    import czsl_nb
+    from czsl_nb.core import METHODS
+    from czsl_nb.methods import CZSLMethod
+    list_methods()
+    registered = set(METHODS.values())
+    for info in pkgutil.iter_modules(czsl_nb.__path__):
+        module = importlib.import_module(f"czsl_nb.{info.name}")
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, CZSLMethod) and cls is not CZSLMethod and cls.__module__ == module.__name__:
+                assert cls in registered, f"{module.__name__}.{name} is a CZSLMethod but not registered"
+
+_OUTSIDE_METHOD = '''
+from dataclasses import dataclass
+import torch, torch.nn.functional as F
+from czsl_nb.methods import CZSLMethod, Params, hparam
+
+@dataclass
+class ProtoParams(Params):
+    scale: float = hparam(10.0, "logit scale of the prototype cosine", range="(0, inf)")
+
+class Prototypes(CZSLMethod):
+    "One learned prototype per attribute and per object; a pair scores the sum of both cosines."
+    Params, cache_image_features = ProtoParams, True
+    def __init__(self, backbone, space, **hparams):
+        super().__init__(backbone, space, **hparams)
+        backbone.freeze("all")
+        d = backbone.embed_dim
+        self.attr = torch.nn.Parameter(torch.randn(len(space.attrs), d) * 0.02)
+        self.obj = torch.nn.Parameter(torch.randn(len(space.objs), d) * 0.02)
+        self.register_buffer("seen_ids", space.seen_ids, persistent=False)
+    def _logits(self, features, pair_ids):
+        f = F.normalize(features, dim=-1)
+        return self.hparams["scale"] * (f @ F.normalize(self.attr, dim=-1).T[:, pair_ids[:, 0]]
+                                        + f @ F.normalize(self.obj, dim=-1).T[:, pair_ids[:, 1]])
+    def loss(self, batch):
+        return {"pair_loss": F.cross_entropy(self._logits(batch["features"], self.seen_ids), batch["pair"])}
+    def scorer(self, pair_ids):
+        return lambda features: self._logits(features, pair_ids).float()
+'''
+
+def test_a_method_from_another_package_trains_through_czsl_train(tmp_path):
+    "One entry point in another package's metadata, and `czsl-train -p method NAME` finds, trains and tests it."
+    import json, os, subprocess, sys
+    from czsl_nb.backbone import tiny_backbone
+    from czsl_nb.core import cache_dir
+    from czsl_nb.data import make_toy_dataset
+    from conftest import REPO
+    site = tmp_path / "site"; site.mkdir()
+    (site / "proto_method.py").write_text(_OUTSIDE_METHOD)
+    info = site / "proto_method-0.1.dist-info"; info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: proto-method\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[czsl_nb.methods]\nprototypes = proto_method:Prototypes\n")
+    toy = make_toy_dataset(tmp_path / "toy"); tiny_backbone()
+    env = {**os.environ, "PYTHONPATH": str(site), "CZSL_NB_RUNS": str(tmp_path / "runs"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", "from czsl_nb.learner import train_cli; train_cli()", "-p", "method", "prototypes",
+                        "-p", "dataset", str(toy), "-p", "backbone", str(cache_dir() / "configs" / "tiny-clip.json"),
+                        "-p", "epochs", "1", "-p", "batch_size", "4", "-p", "scale", "5.0", "-p", "run", "outside"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs" / "outside" / "metrics.json").read_text())
+    assert metrics["method"] == "prototypes" and metrics["epoch"] == 1

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 
 NOTEBOOKS = sorted(p for p in (REPO / "nbs").glob("*.ipynb")
-                   if not p.name.startswith("_") and p.name[:2].isdigit())
+                   if not p.name.startswith("_") and (p.name[:2].isdigit() or p.name == "index.ipynb"))
 
 def test_notebooks_found():
     assert [p.name for p in NOTEBOOKS][:1] == ["00_core.ipynb"]
