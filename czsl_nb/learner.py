@@ -5,7 +5,7 @@
 # %% ../nbs/30_learner.ipynb #6527d4bb
 from __future__ import annotations
 import copy, hashlib, json, math, os, re, subprocess, time
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
 import numpy as np
@@ -29,7 +29,7 @@ __all__ = ['LR_SCHEDULES', 'DEVICES', 'MIXED_PRECISIONS', 'OPTIMIZERS', 'FEASIBI
            'FEATURE_CACHE_VERSION', 'RESULT_KEYS', 'lr_factor', 'probe_method_values', 'TrainConfig', 'git_commit',
            'provenance', 'run_params', 'read_run_params', 'check_run_dir', 'prepare_run_dir', 'FeatureSplit',
            'EpochShuffle', 'FixedShuffle', 'SeededItems', 'PartnerSplit', 'resolve_dataset', 'limit_train_images',
-           'split_labels', 'image_tower_fingerprint', 'FeatureCache', 'FeatureCacheWriter', 'Learner',
+           'split_labels', 'image_tower_fingerprint', 'FeatureCache', 'FeatureCacheWriter', 'Learner', 'FitContext',
            'split_parameters', 'resolve_parameters', 'launched_externally', 'launch', 'load_run', 'run_variant',
            'collect_runs', 'summarize_runs', 'method_parameter_fields', 'parameters_cell', 'notebook_parameters',
            'read_parameter_file', 'cli_parameters', 'train_cli']
@@ -480,6 +480,45 @@ def split_outputs(self: Learner, split: str, fn=None) -> tuple[torch.Tensor, dic
     per_batch = lambda b: fn(method.image_features(b["image"].to(self.acc.device)))
     return self._in_split_order(split, self.eval_loaders[split], per_batch), labels
 
+# %% ../nbs/30_learner.ipynb #d4de1dec
+@dataclass
+class FitContext:
+    "What a method's hooks may read of a run, and what they may do: save a named run artifact, log a value."
+    cfg: TrainConfig
+    run_dir: Path  # where the run lives (write through save_artifact)
+    data: CompositionData
+    space: LabelSpace
+    backbone: CLIPBackbone
+    acc: Accelerator
+    split_outputs: Callable  # (split, fn=None) -> ([N, ...] fn(image features) in sample order, labels)
+    epoch: int = 0  # the epoch the model comes from: 0 before training, the selected one at the end
+    logged: dict = field(default_factory=dict)
+
+    def save_artifact(self, name: str, content: dict) -> None:
+        "Write `content` as the run's `<name>.json` (once, from the main process)."
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name in RUN_FILES:
+            raise ValueError(f"artifact name {name!r}: letters, digits, _ and -, and not one of the run's own files")
+        if self.acc.is_main_process: (self.run_dir / f"{name}.json").write_text(json.dumps(content, indent=1))
+
+    def log(self, name: str, value: float) -> None:
+        "Record a value of the run; it is written to metrics.json under `logged`."
+        self.logged[name] = float(value)
+
+    def run_files(self, run: str) -> tuple[dict, dict]:
+        "Another run of the same runs folder: its flat parameters and the trainable state of its best checkpoint."
+        other = self.run_dir.parent / run
+        checkpoint = other / RUN_FILES["best"]
+        if not checkpoint.is_file(): raise FileNotFoundError(f"{checkpoint} does not exist (train run {run!r} first)")
+        return read_run_params(other), torch.load(checkpoint, map_location="cpu", weights_only=True)
+
+@patch_to(Learner)
+def context(self: Learner, epoch: int = 0) -> FitContext:
+    "The view of this run that the method's hooks get."
+    if getattr(self, "_context", None) is None:
+        self._context = FitContext(self.cfg, self.run_dir, self.data, self.space, self.backbone, self.acc, self.split_outputs)
+    self._context.epoch = epoch
+    return self._context
+
 # %% ../nbs/30_learner.ipynb #bbcd8c2c
 @patch_to(Learner)
 def fit(self: Learner) -> dict:
@@ -487,7 +526,7 @@ def fit(self: Learner) -> dict:
     cfg, acc = self.cfg, self.acc
     trainable = self.method.trainable and cfg.epochs > 0
     start, best = 0, {"epoch": 0, "auc": -1.0}
-    self.acc.unwrap_model(self.method).on_fit_start(self)
+    self.acc.unwrap_model(self.method).on_fit_start(self.context())
     if trainable:
         opt = OPTIMIZERS[cfg.optimizer](self.method.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr)
         model, opt, train_loader = acc.prepare(self.method, opt, self.loaders["train"])
@@ -527,7 +566,7 @@ def fit(self: Learner) -> dict:
             raise RuntimeError(f"no epoch of {cfg.epochs} trained the full model of {cfg.method!r}, so none can be selected")
         best_state = torch.load(self.run_dir / RUN_FILES["best"], map_location="cpu", weights_only=True)
         self.method.load_trainable_state_dict(best_state)
-    self.method.on_fit_end(self)
+    self.method.on_fit_end(self.context(best["epoch"]))
     # what on_fit_start/on_fit_end set (memories, a bank, an init_from model) belongs to the tested model, even after 0 epochs
     if self.method.trainable and acc.is_main_process:
         torch.save(self.method.trainable_state_dict(), self.run_dir / RUN_FILES["best"])
@@ -605,6 +644,7 @@ def test(self: Learner, epoch: int) -> dict:
                "epoch": epoch, "git_commit": git_commit(), "method": cfg.method, "dataset": cfg.dataset,
                "backbone": cfg.backbone, "seed": cfg.seed}
     if cfg.open_world: results["test"].update(self.open_world_results("test"))
+    if getattr(self, "_context", None) is not None and self._context.logged: results["logged"] = dict(self._context.logged)
     if self.acc.is_main_process: self._write_results(results, test_scores)
     self.acc.wait_for_everyone()  # every process returns after the run's files are written
     return results

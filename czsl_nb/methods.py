@@ -197,11 +197,11 @@ class CZSLMethod(nn.Module):
         "The training loss terms; images are encoded here when the batch has no cached `features`."
         return self.loss({**batch, "features": self.batch_features(batch)})
 
-    def on_fit_start(self, learner) -> None:
+    def on_fit_start(self, ctx) -> None:
         "Before training (and before a resumed run restores its checkpoint): e.g. initialise memories from data."
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         "Before training epoch `epoch` (1-based) of `epochs`: e.g. switch training stages."
-    def on_fit_end(self, learner) -> None:
+    def on_fit_end(self, ctx) -> None:
         "After the best epoch is reloaded, before testing; buffers set here are saved with the best checkpoint."
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
