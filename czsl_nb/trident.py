@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 from .core import register
 from .methods import CZSLMethod, Params, hparam
-from .smoothing import aux_attribute_provider, aux_index_table, smoothed_cross_entropy
+from .smoothing import (IMAGE_AUX_PROVIDERS, ClipNeighbourAux, aux_attribute_provider, aux_index_table,
+                               pair_prototypes, smoothed_cross_entropy)
 from .word_embeddings import word_embedding_provider
 from .trident_features import (ConditionMasks, CrossModalConnector, FeatureAdaptiveAggregation,
-                                      orthogonality_loss)
+                                      orthogonality_loss, pooled_from_hidden)
 
 # %% auto #0
 __all__ = ['AODisentangler', 'TridentParams', 'Trident']
@@ -61,8 +62,10 @@ class TridentParams(Params):
                                                "or file:PATH in GloVe format (LLaVA's hidden states in the paper)")
     lr_word_embedding: float = hparam(1.5e-6, "learning rate of the word embeddings; 0 freezes them (official)",
                                       range="[0, inf)")
-    aux_attributes: str = hparam("clip_neighbours", "auxiliary attributes of a seen pair: clip_neighbours (ours) or "
-                                                    "file:PATH, JSONL answers of an LLM (GPT-3.5 in the paper)")
+    aux_attributes: str = hparam("clip_images", "auxiliary attributes of a seen pair: clip_images (ours: ranked by its "
+                                                "training images, centred), clip_images_uncentred, clip_neighbours "
+                                                "(CLIP text neighbours) or file:PATH, JSONL answers of an LLM "
+                                                "(GPT-3.5 in the paper)")
     aux_per_pair: int = hparam(3, "t: auxiliary attributes per seen pair (official)", range="[1, inf)")
     alpha: float = hparam(0.09, "α: attribute smoothing, 1-α on the attribute, α/t on each auxiliary one; 0: none "
                                 "(official MIT-States; C-GQA 0.03)", range="[0, 1]")
@@ -92,10 +95,15 @@ class Trident(CZSLMethod):
                                               adaptive=hp["use_faa"], freeze_aggregators=hp["freeze_local_aggregators"])
         self.masks = ConditionMasks(width, dim, hp["global_features"], hp["compose_dropout"], use_masks=hp["use_masks"])
         self.image_embedder = nn.Linear(2 * dim, dim)
-        # words: attrs, objs, then auxiliary words the provider adds (none for clip_neighbours)
+        # words: attrs, objs, then the new words of an LLM's answers (the CLIP rules choose among the attributes)
         seen = [tuple(p) for p in space.seen_pairs]
-        self.aux_words = aux_attribute_provider(hp["aux_attributes"], backbone, space.attrs).get(seen, hp["aux_per_pair"])
-        aux_table, new_words = aux_index_table(seen, self.aux_words, space.attrs, space.objs)
+        if hp["aux_attributes"] in IMAGE_AUX_PROVIDERS:  # chosen from training images in on_fit_start; -1: not yet
+            if len(space.attrs) < 2:
+                raise ValueError("auxiliary attributes need a vocabulary with at least two attributes")
+            aux_table, new_words = torch.full((len(seen), min(hp["aux_per_pair"], len(space.attrs) - 1)), -1), []
+        else:
+            aux = aux_attribute_provider(hp["aux_attributes"], backbone, space.attrs).get(seen, hp["aux_per_pair"])
+            aux_table, new_words = aux_index_table(seen, aux, space.attrs, space.objs)
         self.words = [*space.attrs, *space.objs, *new_words]
         vectors = word_embedding_provider(hp["word_embeddings"], backbone).embed(self.words).float()
         self.word_embedding = nn.Embedding.from_pretrained(vectors.clone(), freeze=hp["lr_word_embedding"] == 0)
@@ -104,9 +112,13 @@ class Trident(CZSLMethod):
         self.disentangler = AODisentangler(dim, word_dim, hp["compose_dropout"])
         self.n_attrs = len(space.attrs)
         self.register_buffer("seen_ids", space.seen_ids, persistent=False)
-        self.register_buffer("aux_table", aux_table, persistent=False)
+        self.register_buffer("aux_table", aux_table)  # saved: a reloaded model keeps the attributes chosen from images
 
     # -- image side ---------------------------------------------------------------------------------
+    def feature_spec(self) -> str:
+        "The cached features depend on the layer alone: every TRIDENT variant shares one feature cache."
+        return f"vit-hidden-tokens:layer={self.hparams['layer']}"
+
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         "[B, 1+L, D_v] the frozen ViT's tokens (CLS first) at `layer`, before ln_post: cacheable."
         return self.backbone.image_tokens(images, layers=(self.hparams["layer"],)).hidden[self.hparams["layer"]]
@@ -120,21 +132,76 @@ class Trident(CZSLMethod):
         return self.image_embedder(torch.cat([local.mean(1), glob.mean(1)], dim=-1))
 
     # -- word side ----------------------------------------------------------------------------------
-    def concepts(self, pair_ids: torch.Tensor) -> torch.Tensor:
-        "[P, d] composition embeddings c_{a,o} = W_c [w_o; w_a] of pair ids [P, 2]."
-        w = self.word_embedding.weight
-        return self.compose(torch.cat([w[self.n_attrs + pair_ids[:, 1]], w[pair_ids[:, 0]]], dim=-1))
+    def concepts(self, pair_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        "[P, d] composition embeddings c_{a,o} = W_c [w_o; w_a] of pair ids [P, 2], `pair_chunk_size` pairs at a time."
+        w, chunk = self.word_embedding.weight, self.pair_chunk_size
+        def make(ids):  # [w_o; w_a] is 2W wide (8192 with LLaVA's words): never for all pairs at once
+            c = self.compose(torch.cat([w[self.n_attrs + ids[:, 1]], w[ids[:, 0]]], dim=-1))
+            return F.normalize(c, dim=-1) if normalize else c
+        if torch.is_grad_enabled() and len(pair_ids): return torch.cat([make(ids) for ids in pair_ids.split(chunk)])
+        out = torch.empty(len(pair_ids), self.hparams["emb_dim"], device=w.device)  # filled in place: no second copy
+        for start in range(0, len(pair_ids), chunk): out[start:start + chunk] = make(pair_ids[start:start + chunk])
+        return out
+
+    def pair_cosines(self, z: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
+        "[B, P] cos(z, c) of embeddings z [B, d] and L2-normalised concepts [P, d], `pair_chunk_size` pairs at a time."
+        z, chunk = F.normalize(z, dim=-1), self.pair_chunk_size
+        if torch.is_grad_enabled(): return torch.cat([z @ c.T for c in concepts.split(chunk)], dim=1)
+        out = torch.empty(len(z), len(concepts), device=z.device)
+        for start in range(0, len(concepts), chunk): out[:, start:start + chunk] = z @ concepts[start:start + chunk].T
+        return out
 
     def cosine(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) @ F.normalize(classes, dim=-1).T
+
+    # -- auxiliary attributes -----------------------------------------------------------------------
+    @property
+    def aux_words(self) -> dict[tuple[str, str], list[str]]:
+        "Each seen pair's auxiliary words as the table holds them (empty before they are chosen)."
+        rows = zip(self.space.seen_pairs, self.aux_table.tolist())
+        return {tuple(p): [self.words[i] for i in row if i >= 0] for p, row in rows}
+
+    @torch.no_grad()
+    def choose_aux_attributes(self, features: torch.Tensor,  # [N, D] CLIP image features of training images
+                              pair: torch.Tensor) -> None:  # [N] each image's seen-pair index, -1 for none
+        "Set every seen pair's auxiliary attributes from its training images (`aux_attributes` clip_images*)."
+        spec, seen = self.hparams["aux_attributes"], [tuple(p) for p in self.space.seen_pairs]
+        if spec not in IMAGE_AUX_PROVIDERS: raise ValueError(f"aux_attributes={spec!r} does not choose from images")
+        provider = aux_attribute_provider(spec, self.backbone, self.space.attrs, pair_prototypes(features, pair, seen),
+                                          chunk_size=self.pair_chunk_size)
+        aux = provider.get(seen, self.hparams["aux_per_pair"])
+        table, _ = aux_index_table(seen, aux, self.space.attrs, self.space.objs)
+        self.aux_table.copy_(table)
+
+    def on_fit_start(self, learner) -> None:
+        "clip_images*: choose the auxiliary attributes from CLIP's image features of every training image."
+        if self.hparams["aux_attributes"] not in IMAGE_AUX_PROVIDERS: return
+        layer = self.hparams["layer"]
+        pooled, labels = learner.split_outputs("train", lambda tokens: pooled_from_hidden(self.backbone, tokens, layer))
+        self.choose_aux_attributes(pooled, labels["pair"])
+
+    def aux_rows(self, pair: torch.Tensor) -> torch.Tensor:
+        "[B, t] auxiliary word indices of seen-pair indices [B]."
+        if (self.aux_table < 0).any():  # used outside the engine before on_fit_start: text neighbours stand in
+            seen = [tuple(p) for p in self.space.seen_pairs]
+            neighbours = ClipNeighbourAux(self.backbone, self.space.attrs, chunk_size=self.pair_chunk_size)
+            aux = neighbours.get(seen, self.hparams["aux_per_pair"])
+            self.aux_table.copy_(aux_index_table(seen, aux, self.space.attrs, self.space.objs)[0])
+        return self.aux_table[pair]
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        "As every method; a checkpoint saved before the table was keeps the one built here (fixed unless clip_images*)."
+        if "aux_table" not in state and self.hparams["aux_attributes"] not in IMAGE_AUX_PROVIDERS:
+            state = {**state, "aux_table": self.aux_table}
+        super().load_trainable_state_dict(state)
 
     # -- training -----------------------------------------------------------------------------------
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         hp, temp = self.hparams, self.hparams["temperature"]
         views = [batch, batch["attr_partner"], batch["obj_partner"]]
         slots = [self.slots(self.batch_features(v)) for v in views]
-        concepts = self.concepts(self.seen_ids)
-        pair_loss = sum(F.cross_entropy(self.cosine(self.embed_image(*s), concepts) / temp, v["pair"])
+        concepts = self.concepts(self.seen_ids, normalize=True)
+        pair_loss = sum(F.cross_entropy(self.pair_cosines(self.embed_image(*s), concepts) / temp, v["pair"])
                         for s, v in zip(slots, views)) / 3
         ortho_loss = sum(orthogonality_loss(part) for s in slots for part in s) / 6
         dis_loss = self.disentangle_loss(batch, [torch.cat(s, dim=1) for s in slots])
@@ -146,7 +213,9 @@ class Trident(CZSLMethod):
         x, x_a, x_o = slots
         pa, po = batch["attr_partner"], batch["obj_partner"]
         attr, obj = batch["attr"], self.n_attrs + batch["obj"]  # word indices
-        aux, aux_a, aux_o = (self.aux_table[b["pair"]] for b in (batch, pa, po))
+        # alpha = 0 is plain cross-entropy: no auxiliary attributes needed
+        rows = (lambda pair: self.aux_rows(pair)) if alpha > 0 else (lambda pair: pair.new_zeros(len(pair), 0))
+        aux, aux_a, aux_o = (rows(b["pair"]) for b in (batch, pa, po))
         words = self.disentangler.word_mlp(self.word_embedding.weight)
         logits = lambda f: self.cosine(f, words) / temp
         ce = lambda f, y: F.cross_entropy(logits(f), y, reduction="none")
@@ -170,5 +239,5 @@ class Trident(CZSLMethod):
     @torch.no_grad()
     def scorer(self, pair_ids: torch.Tensor):
         "Raw cosine between z(x) and c_{a,o} (TRIDENT's evaluation: no temperature, no primitive fusion)."
-        concepts = self.concepts(pair_ids)
-        return lambda features: self.cosine(self.embed_image(*self.slots(features)), concepts).float()
+        concepts = self.concepts(pair_ids, normalize=True)  # [P, d], built once per call, chunk by chunk
+        return lambda features: self.pair_cosines(self.embed_image(*self.slots(features)), concepts).float()

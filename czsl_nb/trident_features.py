@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from .backbone import CLIPBackbone
 
 # %% auto #0
-__all__ = ['CONNECTORS', 'CrossModalConnector', 'FeatureAdaptiveAggregation', 'ConditionMasks', 'orthogonality_loss']
+__all__ = ['CONNECTORS', 'CrossModalConnector', 'pooled_from_hidden', 'FeatureAdaptiveAggregation', 'ConditionMasks',
+           'orthogonality_loss']
 
 # %% ../nbs/19_trident_features.ipynb #ae402d6e
 CONNECTORS = ("identity", "linear_frozen_random", "linear_trainable", "file:<path>")
@@ -44,6 +46,27 @@ class CrossModalConnector(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.trainable: return self.net(tokens)
         with torch.no_grad(): return self.net(tokens)
+
+# %% ../nbs/19_trident_features.ipynb #3f17f0a0
+@torch.no_grad()
+def pooled_from_hidden(backbone: CLIPBackbone,
+                       hidden: torch.Tensor,  # [B, 1+L, D_v] block outputs of layer `layer` (pre ln_post, CLS first)
+                       layer: int) -> torch.Tensor:
+    "[B, D] CLIP image features f(x) (float32) from block `layer`'s tokens: remaining blocks, pool, ln_post, proj."
+    visual = backbone._vit()
+    blocks = visual.transformer.resblocks
+    if not -len(blocks) <= layer < len(blocks):
+        raise ValueError(f"layer={layer}: the image tower has {len(blocks)} blocks "
+                         f"(valid: {-len(blocks)}..{len(blocks) - 1})")
+    with backbone.autocast():
+        x = hidden.to(device=backbone.device, dtype=visual.transformer.get_cast_dtype())
+        batch_first = getattr(visual.transformer, "batch_first", True)
+        if not batch_first: x = x.transpose(0, 1)
+        for block in blocks[layer % len(blocks) + 1:]: x = block(x, attn_mask=None)
+        if not batch_first: x = x.transpose(0, 1)
+        pooled, _ = visual._pool(x)
+        if visual.proj is not None: pooled = pooled @ visual.proj
+    return pooled.float()
 
 # %% ../nbs/19_trident_features.ipynb #7e6563f1
 class FeatureAdaptiveAggregation(nn.Module):

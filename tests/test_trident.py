@@ -1,5 +1,6 @@
 """TRIDENT and its components: attribute smoothing invariants, the auxiliary-attribute and word-embedding
-providers (formats and errors), the engine's partner sampling, the official-code switch, and one run."""
+providers (formats and errors), the engine's partner sampling, the official-code switch, one run, auxiliary
+attributes chosen from training images (kept by a reload), and the pair axis in chunks."""
 import json
 import pytest, torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from czsl_nb.smoothing import (ClipNeighbourAux, JsonlAuxFile, aux_index_table, 
                                smoothed_targets, write_llm_prompts)
 from czsl_nb.word_embeddings import ClipTextHidden, ClipTokenEmbeddings, GloveFormatFile
 from czsl_nb.trident import Trident
+from czsl_nb.trident_features import pooled_from_hidden
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*marked NA")
 SPACE = LabelSpace(["red", "wet", "old"], ["ball", "dog"], [("red", "ball"), ("wet", "dog"), ("old", "ball"), ("red", "dog")])
@@ -170,3 +172,102 @@ def test_ablation_switches_change_the_slots(bb):
     vocab = Trident(bb, SPACE, word_embeddings="clip_vocab", **SMALL)
     text = Trident(bb, SPACE, **SMALL)
     assert not torch.allclose(vocab.word_embedding.weight, text.word_embedding.weight)
+
+# -- auxiliary attributes chosen from the training images (the default, clip_images) --------------------------------
+def _train_images(toy_root, bb):
+    "CLIP image features of the toy training images (evaluation transform, sample order) and their seen-pair index."
+    from czsl_nb.data import CompositionData, load_image
+    data = CompositionData(toy_root, check_images="none")
+    samples, seen = data.samples["train"], list(data.train_pairs)
+    with torch.no_grad():
+        feats = bb.encode_image(torch.stack([bb.preprocess(load_image(data.image_path(s))) for s in samples]))
+    return feats, torch.tensor([seen.index(s.pair) for s in samples])
+
+def test_learner_chooses_aux_attributes_from_training_images_and_a_reload_keeps_them(tmp_path):
+    from czsl_nb.learner import load_run
+    toy = make_toy_dataset(tmp_path / "toy")
+    bb = tiny_backbone()
+    cfg = TrainConfig(method="trident", dataset=str(toy), backbone=str(cache_dir() / "configs" / "tiny-clip.json"),
+                      epochs=1, batch_size=4, lr=1e-3, seed=0, run="aux", pair_chunk_size=2)
+    learner = Learner(cfg, prepare_run_dir(cfg, run_params(cfg, dict(SMALL)), tmp_path / "runs"), dict(SMALL))
+    method = learner.method
+    assert method.hparams["aux_attributes"] == "clip_images"
+    assert (method.aux_table == -1).all()  # nothing chosen before the hook
+    # what on_fit_start reads: CLIP's image feature of every training image, rebuilt from the cached layer
+    layer = method.hparams["layer"]
+    pooled, labels = learner.split_outputs("train", lambda t: pooled_from_hidden(method.backbone, t, layer))
+    feats, pair = _train_images(toy, bb)
+    assert torch.allclose(pooled, feats, atol=5e-3) and torch.equal(labels["pair"], pair)  # float16 cache
+    learner.fit()
+    chosen = method.aux_table.clone()
+    assert (chosen >= 0).all() and (chosen < len(method.space.attrs)).all()  # closed vocabulary: attributes only
+    expected = Trident(bb, method.space, **SMALL)
+    expected.choose_aux_attributes(pooled, labels["pair"])
+    assert torch.equal(expected.aux_table, chosen)
+    assert "aux_table" in method.trainable_state_dict()
+    reloaded = load_run(tmp_path / "runs" / "aux")
+    assert torch.equal(reloaded.method.aux_table.cpu(), chosen.cpu())
+
+def test_image_choice_follows_the_images_and_differs_from_text_neighbours(bb):
+    attrs = ["red", "wet", "old", "new", "dry", "big", "hot"]
+    space = LabelSpace(attrs, ["ball", "dog"], [("red", "ball"), ("wet", "dog"), ("old", "ball"), ("red", "dog")])
+    m = Trident(bb, space, **SMALL)
+    g = torch.Generator().manual_seed(0)
+    feats, pair = torch.randn(16, bb.embed_dim, generator=g), torch.arange(16) % 4
+    m.choose_aux_attributes(feats, pair)
+    first = m.aux_table.clone()
+    assert all(a not in words for (a, _), words in m.aux_words.items())
+    m.choose_aux_attributes(feats, (pair + 1) % 4)  # the same images under other labels: other attributes
+    assert not torch.equal(first, m.aux_table)
+    text = Trident(bb, space, aux_attributes="clip_neighbours", **SMALL)
+    assert not torch.equal(first, text.aux_table)
+    with pytest.raises(ValueError, match="does not choose from images"):
+        text.choose_aux_attributes(feats, pair)
+
+def test_used_outside_the_engine_text_neighbours_stand_in_until_images_are_seen(bb):
+    torch.manual_seed(0)
+    m = Trident(bb, SPACE, **SMALL).train()
+    assert (m.aux_table == -1).all()
+    m(_batch(m))
+    text = Trident(bb, SPACE, aux_attributes="clip_neighbours", **SMALL)
+    assert torch.equal(m.aux_table, text.aux_table)
+    torch.manual_seed(0)
+    plain = Trident(bb, SPACE, alpha=0.0, **SMALL).train()
+    plain(_batch(plain))
+    assert (plain.aux_table == -1).all()  # alpha = 0 needs no auxiliary attributes
+
+def test_checkpoints_without_the_aux_table_still_load_when_it_is_fixed_at_build(bb):
+    old = Trident(bb, SPACE, aux_attributes="clip_neighbours", **SMALL)
+    state = {k: v for k, v in old.trainable_state_dict().items() if k != "aux_table"}
+    fresh = Trident(bb, SPACE, aux_attributes="clip_neighbours", **SMALL)
+    fresh.load_trainable_state_dict(state)
+    assert torch.equal(fresh.aux_table, old.aux_table)
+    with pytest.raises(KeyError, match="aux_table"):  # chosen from images: a checkpoint must carry the choice
+        Trident(bb, SPACE, **SMALL).load_trainable_state_dict(state)
+
+# -- the pair axis in chunks (C-GQA open world: 278,362 pairs) -------------------------------------------------------
+def test_composition_embeddings_and_logits_are_built_chunk_by_chunk(bb):
+    torch.manual_seed(0)
+    m = Trident(bb, SPACE, **SMALL).eval()
+    pairs = SPACE.ids([(a, o) for a in SPACE.attrs for o in SPACE.objs])
+    sizes = []
+    hook = m.compose.register_forward_hook(lambda mod, inp, out: sizes.append(len(inp[0])))
+    feats = m.image_features(torch.rand(3, 3, 32, 32))
+    whole = m.scores(feats, pairs)
+    m.pair_chunk_size = 2
+    sizes.clear()
+    chunked = m.scores(feats, pairs)
+    hook.remove()
+    assert max(sizes) == 2 and sum(sizes) == len(pairs)  # never more than pair_chunk_size compositions at once
+    assert torch.allclose(chunked, whole, atol=1e-6)
+    # training: the same loss and gradients over the seen pairs, whatever the chunk size
+    grads = {}
+    for chunk in (1, 1024):
+        torch.manual_seed(0)
+        t = Trident(bb, SPACE, **SMALL).eval()
+        t.pair_chunk_size = chunk
+        loss = t(_batch(t))["pair_loss"]
+        loss.backward()
+        grads[chunk] = (loss.detach(), t.compose[1].weight.grad.clone())
+    assert torch.allclose(grads[1][0], grads[1024][0], atol=1e-6)
+    assert torch.allclose(grads[1][1], grads[1024][1], atol=1e-6)
