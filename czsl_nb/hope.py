@@ -5,20 +5,22 @@
 # %% ../nbs/25_hope.ipynb #098c5973
 from __future__ import annotations
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
-from torch import nn
 from .core import register
 from .data import clean_name
 from .methods import CZSLMethod, Params, hparam
 from .prompts import ContextPrompt, PrimitiveVocabulary, encode_prompts, pair_prompts
 from .hopfield import (HOPFIELD_SCALES, RETRIEVAL_TARGETS, HopfieldMemory, QueryProjection, Retrieval,
-                              multi_positive_infonce, retrieval_loss, slot_means)
+                              multi_positive_infonce, retrieval_loss, retrieved_infonce, slot_means)
 from .soft_moe import COMPOSER_MIXERS, Composer
 
 # %% auto #0
-__all__ = ['Composed', 'HOPEParams', 'HOPE', 'retrieval_predictions', 'retrieval_accuracy', 'run_retrieval_accuracy']
+__all__ = ['INFONCE_FORMS', 'HOPE_TRAINING', 'STAGEWISE_PARTS', 'HOPE_STAGES', 'HOPE_STAGE_PARTS', 'HOPE_STAGE_LOSSES',
+           'Composed', 'HOPEParams', 'HOPE', 'stage_epochs', 'stage_of', 'retrieval_predictions', 'retrieval_accuracy',
+           'run_retrieval_accuracy']
 
 # %% ../nbs/25_hope.ipynb #200636d4
 class Composed(NamedTuple):
@@ -29,22 +31,33 @@ class Composed(NamedTuple):
     obj: Retrieval  # object queries
 
 # %% ../nbs/25_hope.ipynb #29749956
+INFONCE_FORMS = ("eq5", "batch")
+HOPE_TRAINING = ("joint", "stagewise")
+STAGEWISE_PARTS = ("cumulative", "current")
+HOPE_STAGES = ("prompt", "hopfield", "composer")  # the paper's Figure 2, in order
+HOPE_STAGE_PARTS = {"prompt": ("prompt", "vocab"), "hopfield": ("queries", "attr_memory", "obj_memory"),
+                    "composer": ("composer",)}  # the submodules each stage trains
+HOPE_STAGE_LOSSES = {"prompt": ("spm_loss",), "hopfield": ("retrieval_loss", "infonce_loss"),
+                     "composer": ("pair_loss", "dfm_loss")}  # the loss terms that train them
+
 @dataclass
 class HOPEParams(Params):
-    "HOPE's hyper-parameters (paper: the loss weights, composer depth and k; the rest ours, see methods.md §6)."
+    "HOPE's hyper-parameters (paper: the loss weights, Soft-MoE layers, k, Eq. 5; the rest ours, see methods.md §6)."
     context: str = hparam("a photo of", "words initialising the soft prompt's 3 context tokens θ_1..θ_3 (DFSP)")
     attr_dropout: float = hparam(0.3, "dropout on the primitive vocabulary of [a][o] (CSP/DFSP)", range="[0, 1)")
-    n_queries: int = hparam(4, "l: Hopfield queries Z = Z_θ(f_v); the first l/2 read M_v^a, the rest M_v^o (ours)",
+    n_queries: int = hparam(4, "l: Hopfield queries Z_θ(f_v); the first l/2 read M_v^a, the rest M_v^o (ours)",
                             range="[2, inf)")
     hopfield_scale: Literal[HOPFIELD_SCALES] = hparam("learned", "learned: softmax(β_h cos(Z, M)) with a learned β_h "
                                                       "(ours); none: the paper's softmax(Z M^T)")
-    beta_init: float = hparam(1 / 0.07, "β_h at the start, with hopfield_scale='learned' (ours: CLIP's 1/0.07)",
+    beta_init: float = hparam(1 / 0.07, "β_h at the start, with the learned hopfield_scale (ours: CLIP's 1/0.07)",
                               range="(0, inf)")
-    memory_init_images: int = hparam(10, "k: training images averaged into each visual memory slot (paper); "
-                                         "0 keeps the text start", range="[0, inf)")
-    composer: Literal[COMPOSER_MIXERS] = hparam("soft_moe", "soft_moe: Soft-MoE MLPs in the composer's second half "
-                                                "(paper); self_attention: dense MLPs (its comparison)")
-    composer_depth: int = hparam(2, "transformer blocks of the composer (paper)", range="[1, inf)")
+    memory_init_images: int = hparam(10, "k: training images averaged into each visual memory slot (paper; a slot "
+                                         "with fewer uses all it has); 0 keeps the text start", range="[0, inf)")
+    composer: Literal[COMPOSER_MIXERS] = hparam("soft_moe", "soft_moe: Soft-MoE MLPs in the last soft_moe_layers "
+                                                "blocks (paper); self_attention: dense MLPs (its comparison)")
+    composer_depth: int = hparam(2, "transformer blocks of the composer (paper: 2)", range="[1, inf)")
+    soft_moe_layers: int = hparam(2, "Soft-MoE layers: the last this many composer blocks (paper: 2, every block); "
+                                     "1: the second block only (before the fidelity fix)", range="[1, inf)")
     n_experts: int = hparam(8, "n: Soft-MoE experts, one slot each (ours)", range="[1, inf)")
     layer_scale_init: float = hparam(0.1, "start of the LayerScale on the composer's residual branches (ours)",
                                      range="[0, inf)")
@@ -54,15 +67,28 @@ class HOPEParams(Params):
     retrieval_weight: float = hparam(0.3, "γ: weight of L_r + L_InfoNCE (paper)", range="[0, inf)")
     use_retrieval_loss: bool = hparam(True, "train with L_r, the retrieval loss (paper; ablation switch)")
     use_infonce: bool = hparam(True, "train with L_InfoNCE on the retrieved patterns (paper; ablation switch)")
+    infonce_form: Literal[INFONCE_FORMS] = hparam("eq5", "eq5: the paper's Eq. 5 over each image's own l retrieved "
+                                                  "vectors; batch: over the batch's vectors of one memory (before)")
     retrieval_target: Literal[RETRIEVAL_TARGETS] = hparam("marginal", "L_r's target: marginal, the mass on the "
                                                           "label's slots (ours), or uniform over them (14_hopfield)")
     infonce_tau: float = hparam(0.07, "τ of L_InfoNCE (the paper's reference [44]: 0.07)", range="(0, inf)")
     score_spm_weight: float = hparam(0.0, "inference: + this × the soft-prompt path's logits (ours; 0: the paper)",
                                      range="[0, inf)")
+    training: Literal[HOPE_TRAINING] = hparam("joint", "joint: every part and loss from the first epoch (ours: the "
+                                              "paper's single loss); stagewise: prompt, then Hopfield, then Soft MoE")
+    stagewise_parts: Literal[STAGEWISE_PARTS] = hparam("cumulative", "stagewise: a stage also trains the earlier "
+                                                       "stages' parts (cumulative) or only its own (current); ours")
 
     def check(self):
         if self.n_queries % 2:
             raise ValueError(f"n_queries={self.n_queries}: needs an even number (l/2 queries read each memory)")
+        if self.composer == "soft_moe" and self.soft_moe_layers > self.composer_depth:
+            raise ValueError(f"soft_moe_layers={self.soft_moe_layers} > composer_depth={self.composer_depth}: "
+                             "each Soft-MoE layer is the MLP of one composer block")
+        if self.training == "stagewise" and self.stagewise_parts == "current" and not (
+                self.use_retrieval_loss or self.use_infonce):
+            raise ValueError("training='stagewise' with stagewise_parts='current' trains the Hopfield stage with "
+                             "L_r and L_InfoNCE only: keep use_retrieval_loss or use_infonce")
 
 # %% ../nbs/25_hope.ipynb #0f6a7048
 @register("hope")
@@ -80,18 +106,35 @@ class HOPE(CZSLMethod):
         self.prompt = ContextPrompt(backbone, hp["context"], n_slots=2)
         self.vocab = PrimitiveVocabulary(backbone, space.attrs, space.objs, dropout=hp["attr_dropout"])
         with torch.no_grad():  # frozen CLIP text: the text memories, and the visual slots' start before on_fit_start
-            self.register_buffer("attr_words", encode_prompts(backbone, [f"a photo of {clean_name(a)} object" for a in space.attrs]), persistent=False)
-            self.register_buffer("obj_words", encode_prompts(backbone, [f"a photo of {clean_name(o)}" for o in space.objs]), persistent=False)
-            pair_words = encode_prompts(backbone, pair_prompts(space.seen_pairs))
+            attr_prompts = [f"a photo of {clean_name(a)} object" for a in space.attrs]
+            obj_prompts = [f"a photo of {clean_name(o)}" for o in space.objs]
+            self.register_buffer("attr_words", encode_prompts(backbone, attr_prompts), persistent=False)
+            self.register_buffer("obj_words", encode_prompts(backbone, obj_prompts), persistent=False)
+            pair_words = encode_prompts(backbone, pair_prompts(space.seen_pairs), self.pair_chunk_size)
         self.queries = QueryProjection(dim, hp["n_queries"])
         self.attr_memory = HopfieldMemory(len(seen), dim, hp["hopfield_scale"], hp["beta_init"])
         self.obj_memory = HopfieldMemory(len(seen), dim, hp["hopfield_scale"], hp["beta_init"])
         for memory in (self.attr_memory, self.obj_memory): memory.initialize(pair_words)
-        self.composer = Composer(dim, hp["composer_depth"], hp["composer"], hp["n_experts"], layer_scale_init=hp["layer_scale_init"])
+        self.composer = Composer(dim, hp["composer_depth"], hp["composer"], hp["n_experts"],
+                                 moe_layers=hp["soft_moe_layers"] if hp["composer"] == "soft_moe" else 0,
+                                 layer_scale_init=hp["layer_scale_init"])
+        # what may train at all (a stage only switches among these; the paper's unscaled Hopfield has a fixed β)
+        self.trainable_names = tuple(n for n, p in self.named_parameters() if p.requires_grad)
+        self.stage: int | None = None  # index into HOPE_STAGES while a stage-wise run trains; None: every part trains
 
-    def pair_text_features(self, pair_ids: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-        "$f_t$ [P, D]: L2-normalised soft-prompt features of `pair_ids` (vocabulary dropout applies in training)."
-        return self.prompt.encode_pairs(self.backbone, self.vocab, pair_ids, chunk_size)
+    def pair_text_features(self, pair_ids: torch.Tensor) -> torch.Tensor:
+        "$f_t$ [P, D]: L2-normalised soft-prompt features of `pair_ids`, `pair_chunk_size` prompts at a time."
+        return self.prompt.encode_pairs(self.backbone, self.vocab, pair_ids, self.pair_chunk_size)
+
+    def pair_logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        "[B, P] CLIP logits of [B, D] image features against [P, D] text, `pair_chunk_size` pairs at a time."
+        chunks = text.split(self.pair_chunk_size)
+        if len(chunks) == 1: return self.backbone.logits(image, text)
+        if torch.is_grad_enabled(): return torch.cat([self.backbone.logits(image, t) for t in chunks], dim=1)
+        out = torch.empty(len(image), len(text), device=image.device)
+        for start, t in zip(range(0, len(text), self.pair_chunk_size), chunks):
+            out[:, start:start + len(t)] = self.backbone.logits(image, t)
+        return out
 
     def compose(self, features: torch.Tensor) -> Composed:
         "Queries, Hopfield retrieval, linguistic counterparts and the composer, for [B, D] image features."
@@ -104,57 +147,119 @@ class HOPE(CZSLMethod):
         tokens = torch.cat([image[:, None], attr.patterns, obj.patterns, attr_text, obj_text], dim=1)
         return Composed(image, self.composer(tokens)[:, 0], attr, obj)
 
+    def infonce(self, out: Composed, batch: dict) -> torch.Tensor:
+        "$\\mathcal{L}_{InfoNCE}$ (`infonce_form`); a retrieved vector is positive when its arg-max slot has the label."
+        seen, tau = self.seen_ids, self.hparams["infonce_tau"]
+        if self.hparams["infonce_form"] == "eq5":
+            positive = torch.cat([seen[out.attr.weights.argmax(-1), 0] == batch["attr"][:, None],
+                                  seen[out.obj.weights.argmax(-1), 1] == batch["obj"][:, None]], dim=1)  # [B, l]
+            patterns = torch.cat([out.attr.patterns, out.obj.patterns], dim=1)  # [B, l, D]
+            return retrieved_infonce(out.image, patterns, positive, tau)
+        # batch form, per memory: every retrieved vector of the batch is a candidate for every image
+        return sum(multi_positive_infonce(out.image, r.patterns.flatten(0, 1),
+                                          seen[r.weights.argmax(-1).flatten(), k][None, :] == batch[label][:, None],
+                                          tau)
+                   for k, (r, label) in enumerate([(out.attr, "attr"), (out.obj, "obj")]))
+
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         hp, seen = self.hparams, self.seen_ids
         out = self.compose(self.batch_features(batch))
         text = self.pair_text_features(seen)
-        logits = lambda image, words: self.backbone.logits(image, words)
         # DFSP decomposition: each primitive's text = the normalised mean of its seen pairs' texts
-        f_ts = F.normalize(torch.zeros(len(self.space.attrs), text.shape[1], device=text.device).index_add(0, seen[:, 0], text), dim=-1)
-        f_to = F.normalize(torch.zeros(len(self.space.objs), text.shape[1], device=text.device).index_add(0, seen[:, 1], text), dim=-1)
-        terms = {"pair_loss": F.cross_entropy(logits(out.composed, text), batch["pair"]),
+        f_ts = F.normalize(text.new_zeros(len(self.space.attrs), text.shape[1]).index_add(0, seen[:, 0], text), dim=-1)
+        f_to = F.normalize(text.new_zeros(len(self.space.objs), text.shape[1]).index_add(0, seen[:, 1], text), dim=-1)
+        logits = self.backbone.logits
+        terms = {"pair_loss": F.cross_entropy(self.pair_logits(out.composed, text), batch["pair"]),
                  "dfm_loss": hp["dfm_weight"] * (F.cross_entropy(logits(out.composed, f_ts), batch["attr"]) +
                                                  F.cross_entropy(logits(out.composed, f_to), batch["obj"])),
-                 "spm_loss": hp["spm_weight"] * F.cross_entropy(logits(out.image, text), batch["pair"])}
+                 "spm_loss": hp["spm_weight"] * F.cross_entropy(self.pair_logits(out.image, text), batch["pair"])}
         if hp["use_retrieval_loss"]:
             terms["retrieval_loss"] = hp["retrieval_weight"] * (
                 retrieval_loss(out.attr.weights, seen[:, 0], batch["attr"], hp["retrieval_target"]) +
                 retrieval_loss(out.obj.weights, seen[:, 1], batch["obj"], hp["retrieval_target"]))
-        if hp["use_infonce"]:
-            terms["infonce_loss"] = hp["retrieval_weight"] * sum(
-                multi_positive_infonce(out.image, r.patterns.flatten(0, 1),
-                                       seen[r.weights.argmax(-1).flatten(), k][None, :] == batch[label][:, None], hp["infonce_tau"])
-                for k, (r, label) in enumerate([(out.attr, "attr"), (out.obj, "obj")]))
-        return terms
+        if hp["use_infonce"]: terms["infonce_loss"] = hp["retrieval_weight"] * self.infonce(out, batch)
+        return self.stage_terms(terms)
+
+    def training_stages(self) -> tuple[str, ...]:
+        "The stages whose parts and loss terms train now: all of them outside a stage-wise run."
+        if self.stage is None: return HOPE_STAGES
+        if self.hparams["stagewise_parts"] == "cumulative": return HOPE_STAGES[:self.stage + 1]
+        return (HOPE_STAGES[self.stage],)
+
+    def stage_terms(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        "Loss terms of stages that do not train now are detached: logged every epoch, but without a gradient."
+        live = {term for stage in self.training_stages() for term in HOPE_STAGE_LOSSES[stage]}
+        return {k: v if k in live else v.detach() for k, v in terms.items()}
 
     @torch.no_grad()
-    def scorer(self, pair_ids: torch.Tensor, chunk_size: int = 1024):
-        text = self.pair_text_features(pair_ids, chunk_size)
+    def scorer(self, pair_ids: torch.Tensor):
+        text = self.pair_text_features(pair_ids)  # [P, D], kept for every batch of images
         spm_weight = self.hparams["score_spm_weight"]
         def score(features: torch.Tensor) -> torch.Tensor:
-            out = self.compose(features)
-            scores = self.backbone.logits(out.composed, text)
-            return scores + spm_weight * self.backbone.logits(out.image, text) if spm_weight else scores
+            out = self.compose(features)  # retrieval reads the training memories: no pair axis
+            scores = self.pair_logits(out.composed, text)
+            return scores.add_(self.pair_logits(out.image, text), alpha=spm_weight) if spm_weight else scores
         return torch.no_grad()(score)
+
+# %% ../nbs/25_hope.ipynb #0ec16404
+def stage_epochs(epochs: int, n_stages: int = len(HOPE_STAGES)) -> list[int]:
+    "Epochs of each stage: ⌊E/n⌋ for every stage but the last, which gets the rest."
+    if epochs < n_stages: raise ValueError(f"epochs={epochs}: stage-wise training needs at least {n_stages}")
+    share = epochs // n_stages
+    return [share] * (n_stages - 1) + [epochs - share * (n_stages - 1)]
+
+def stage_of(epoch: int, epochs: int) -> int:
+    "The stage (an index into HOPE_STAGES) that trains in 1-based `epoch` of `epochs`."
+    return next(i for i, end in enumerate(accumulate(stage_epochs(epochs))) if epoch <= end)
+
+def _set_stage(self: HOPE, stage: int | None) -> None:
+    "Train the parts of `stage` (None: every part): the other parts stop requiring gradients."
+    self.stage = stage
+    parts = {part for s in self.training_stages() for part in HOPE_STAGE_PARTS[s]}
+    trainable = set(self.trainable_names)
+    for name, p in self.named_parameters():
+        if name in trainable: p.requires_grad_(name.split(".")[0] in parts)
+
+def _on_epoch_start(self: HOPE, epoch: int, epochs: int) -> None:
+    if self.hparams["training"] == "stagewise": self.set_stage(stage_of(epoch, epochs))
+
+def _selectable(self: HOPE) -> bool:
+    "False before the last stage of a stage-wise run: part of the model is still untrained."
+    return self.stage is None or self.stage == len(HOPE_STAGES) - 1
+
+def _min_epochs(cls, hparams: dict) -> int:
+    return len(HOPE_STAGES) if hparams["training"] == "stagewise" else 1
+
+def _param_groups(self: HOPE, lr: float, weight_decay: float = 0.0) -> list[dict]:
+    "Every part that may train, whatever the current stage: one optimiser serves all stages."
+    names = set(self.trainable_names)
+    return [{"params": [p for n, p in self.named_parameters() if n in names], "lr": lr, "weight_decay": weight_decay}]
+
+HOPE.set_stage, HOPE.on_epoch_start, HOPE.param_groups = _set_stage, _on_epoch_start, _param_groups
+HOPE.selectable, HOPE.min_epochs = property(_selectable), classmethod(_min_epochs)
 
 # %% ../nbs/25_hope.ipynb #42e783da
 @torch.no_grad()
-def _init_memories(self: HOPE, features: torch.Tensor, pair: torch.Tensor, seed: int = 0) -> None:
-    "Fill both visual memories with the mean of up to `memory_init_images` normalised features per seen pair."
+def _init_memories(self: HOPE, features: torch.Tensor, pair: torch.Tensor, seed: int = 0) -> torch.Tensor | None:
+    "Both visual memories := mean of up to `memory_init_images` normalised features per seen pair; [S] images used."
     k = self.hparams["memory_init_images"]
-    if k <= 0: return
+    if k <= 0: return None
     means, empty = slot_means(F.normalize(features.float(), dim=-1), pair, len(self.seen_ids), k, seed)
     for memory in (self.attr_memory, self.obj_memory): memory.initialize(means, keep=empty)
+    return torch.bincount(pair[pair >= 0].cpu(), minlength=len(self.seen_ids)).clamp(max=k)
 
-def _on_fit_start(self: HOPE, learner) -> None:
-    features, labels = learner.split_outputs("train")
-    self.init_memories(features, labels["pair"], seed=learner.cfg.seed)
+def _on_fit_start(self: HOPE, ctx) -> None:
+    features, labels = ctx.split_outputs("train")
+    used = self.init_memories(features, labels["pair"], seed=ctx.cfg.seed)
+    if used is not None:  # fewer than memory_init_images where a composition has fewer training images
+        ctx.log("memory_images_per_slot_mean", used.float().mean()); ctx.log("memory_images_per_slot_min", used.min())
 
 HOPE.init_memories, HOPE.on_fit_start = _init_memories, _on_fit_start
 
 # %% ../nbs/25_hope.ipynb #f17e0577
 @torch.no_grad()
-def retrieval_predictions(method: HOPE, features: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieval_predictions(method: HOPE, features: torch.Tensor,
+                          batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     "Attribute and object [N] predicted by the Hopfield retrieval (arg-max of the label-pooled mean weights)."
     method.eval()
     seen, n_attrs, n_objs = method.seen_ids, len(method.space.attrs), len(method.space.objs)
@@ -166,7 +271,8 @@ def retrieval_predictions(method: HOPE, features: torch.Tensor, batch_size: int 
         obj_pred.append(pool(out.obj.weights, seen[:, 1], n_objs).argmax(-1).cpu())
     return torch.cat(attr_pred), torch.cat(obj_pred)
 
-def retrieval_accuracy(method: HOPE, features: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+def retrieval_accuracy(method: HOPE, features: torch.Tensor,
+                       labels: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
     "Retrieval accuracy of attributes, objects and both (`pair`) on images of seen and of unseen compositions."
     attr_pred, obj_pred = retrieval_predictions(method, features)
     attr_ok, obj_ok = attr_pred == labels["attr"], obj_pred == labels["obj"]
@@ -180,3 +286,10 @@ def run_retrieval_accuracy(run, split: str = "test") -> dict[str, dict[str, floa
     from czsl_nb.learner import load_run  # the engine sits below the methods: import it only when asked
     learner = load_run(run)
     return retrieval_accuracy(learner.method, *learner.split_outputs(split))
+
+def _on_fit_end(self: HOPE, ctx) -> None:
+    "After the best epoch is reloaded: every part trainable again; the test split's retrieval accuracy saved."
+    self.set_stage(None)
+    ctx.save_artifact("retrieval_accuracy", retrieval_accuracy(self, *ctx.split_outputs("test")))
+
+HOPE.on_fit_end = _on_fit_end

@@ -60,19 +60,22 @@ class ComposerBlock(nn.Module):
         return x + self.gamma2 * self.mlp(self.norm2(x))
 
 class Composer(nn.Module):
-    "HOPE's composer: `depth` transformer blocks over [f_v, V_1..V_l, T_1..T_l]; Soft MoE MLPs from block `moe_from` on."
+    "HOPE's composer: `depth` blocks over [f_v, V_1..V_l, T_1..T_l]; the last `moe_layers` have Soft MoE MLPs."
     def __init__(self, dim: int, depth: int = 2,
                  mixer: str = "soft_moe",  # "soft_moe" or "self_attention" (dense MLPs: the paper's comparison)
                  n_experts: int = 8, heads: int = 0,  # heads 0: D/64 (at least 1)
-                 moe_from: int | None = None,  # first block with a Soft MoE MLP (default: depth // 2)
+                 moe_layers: int | None = None,  # blocks (the last ones) whose MLP is a Soft MoE (default: all)
                  hidden_ratio: float = 4.0, layer_scale_init: float = 0.1):
         super().__init__()
-        if mixer not in COMPOSER_MIXERS: raise ValueError(f"unknown composer {mixer!r}; choose one of {COMPOSER_MIXERS}")
+        if mixer not in COMPOSER_MIXERS:
+            raise ValueError(f"unknown composer {mixer!r}; choose one of {COMPOSER_MIXERS}")
+        moe_layers = depth if moe_layers is None else moe_layers
+        if not 0 <= moe_layers <= depth: raise ValueError(f"moe_layers={moe_layers}: between 0 and depth={depth}")
         heads = heads or max(1, dim // 64)
-        moe_from = depth // 2 if moe_from is None else moe_from
+        moe_from = depth - moe_layers
         self.mixer = mixer
-        self.blocks = nn.ModuleList(ComposerBlock(dim, heads, mixer == "soft_moe" and i >= moe_from, n_experts, hidden_ratio,
-                                                  layer_scale_init) for i in range(depth))
+        self.blocks = nn.ModuleList(ComposerBlock(dim, heads, mixer == "soft_moe" and i >= moe_from, n_experts,
+                                                  hidden_ratio, layer_scale_init) for i in range(depth))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
         for block in self.blocks: tokens = block(tokens)
