@@ -790,6 +790,8 @@ def _meaning(params: type, f) -> str:
     return f.metadata["help"] + ("" if valid == "any" else f"; valid: {valid}")
 
 def _parameter_line(code: str, comment: str, width: int = 120) -> str:
+    # papermill's parser skips a line holding a second "=", so the help says it in other signs
+    comment = comment.replace("<=", "≤").replace(">=", "≥").replace("!=", "≠").replace("=", ":")
     line = f"{code}  # {comment}"
     return line if len(line) <= width else line[:width - 3] + "..."
 

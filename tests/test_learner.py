@@ -119,6 +119,11 @@ def test_help_notebook_lists_run_and_method_parameters(tmp_path):
     for name in ["lr_schedule", "lr_milestones", "attr_dropout", "towers", "memory", "aux_per_pair"]:
         assert f"  {name}:" in r.stdout, name
     assert "_kernel_names" not in r.stdout
+    import papermill
+    from dataclasses import fields
+    from czsl_nb.learner import TrainConfig, method_parameter_fields
+    every = {f.name for f in fields(TrainConfig)} | set(method_parameter_fields())
+    assert set(papermill.inspect_notebook(str(REPO / "nbs" / "train.ipynb"))) == every  # papermill parses every line
 
 def test_two_cpu_processes_train_and_score_each_image_once(toy, tiny_config, tmp_path):
     """gloo data parallelism: the toy test split has 3 images, so 2 ranks need a padded duplicate that must be dropped.
