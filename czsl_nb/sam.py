@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from .core import read_params_file, register  # first: czsl_nb's torchvision fix must precede peft
+from .core import register  # first: czsl_nb's torchvision fix must precede peft
 from .backbone import patch_to
 from .data import CompositionSplit
 from .methods import CZSLMethod, Params, hparam, composed_probability
@@ -384,21 +384,19 @@ SAM_STAGE1_PARAMS = ("lora_rank", "lora_alpha", "lora_dropout", "attr_dropout", 
 SAM_VALUES_BEFORE = {"sa_tokens": "all", "sa_global_weight": 0.0}  # what runs made before these fields existed did
 
 @patch_to(SAM)
-def on_fit_start(self: SAM, learner) -> None:
+def on_fit_start(self: SAM, ctx) -> None:
     source = self.hparams["init_from"]
     if not source: return
-    run_dir = learner.run_dir.parent / source.format(seed=learner.cfg.seed)
-    params_file, checkpoint = run_dir / "params.yaml", run_dir / "checkpoint_best.pt"
-    if not checkpoint.is_file(): raise FileNotFoundError(f"init_from={source!r}: {checkpoint} does not exist (train that run first)")
-    params = {**SAM_VALUES_BEFORE, **read_params_file(params_file)}  # flat; older runs' nested values are flattened
-    same = {"method": "sam", "dataset": learner.cfg.dataset, "backbone": learner.cfg.backbone, "pretrained": learner.cfg.pretrained}
+    try: params, state = ctx.run_files(source.format(seed=ctx.cfg.seed))
+    except FileNotFoundError as e: raise FileNotFoundError(f"init_from={source!r}: {e}") from None
+    params = {**SAM_VALUES_BEFORE, **params}
+    same = {"method": "sam", "dataset": ctx.cfg.dataset, "backbone": ctx.cfg.backbone, "pretrained": ctx.cfg.pretrained}
     differ = {k: params.get(k) for k, v in same.items() if params.get(k) != v}
     # a vac_only run on top of an SA run shares only stage I with it; any other source must share all training
     after_stage1 = self.hparams["schedule"] == "vac_only" and not params.get("use_vac")
     compared = SAM_STAGE1_PARAMS if after_stage1 else [k for k in self.hparams if k not in SAM_INFERENCE_PARAMS]
     differ.update({k: params.get(k) for k in compared if params.get(k) != self.hparams[k]})
     if differ: raise ValueError(f"init_from={source!r}: that run differs in {differ}; they must agree on {sorted(compared)}")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     own = self.state_dict()  # the bank is rebuilt by on_fit_end for this run's memory mode
     state.update({k: own[k] for k in ("memory_slots", "memory_filled", "memory_built")})
     if after_stage1: state.update({k: v for k, v in own.items() if k.startswith("vac.")})  # VAC starts fresh

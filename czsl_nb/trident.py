@@ -173,11 +173,11 @@ class Trident(CZSLMethod):
         table, _ = aux_index_table(seen, aux, self.space.attrs, self.space.objs)
         self.aux_table.copy_(table)
 
-    def on_fit_start(self, learner) -> None:
+    def on_fit_start(self, ctx) -> None:
         "clip_images*: choose the auxiliary attributes from CLIP's image features of every training image."
         if self.hparams["aux_attributes"] not in IMAGE_AUX_PROVIDERS: return
         layer = self.hparams["layer"]
-        pooled, labels = learner.split_outputs("train", lambda tokens: pooled_from_hidden(self.backbone, tokens, layer))
+        pooled, labels = ctx.split_outputs("train", lambda tokens: pooled_from_hidden(self.backbone, tokens, layer))
         self.choose_aux_attributes(pooled, labels["pair"])
 
     def aux_rows(self, pair: torch.Tensor) -> torch.Tensor:

@@ -236,16 +236,20 @@ def test_relative_modality_gap_shrinks_as_images_move_to_text():
     gaps = [relative_modality_gap(text + s * offset, text) for s in (2.0, 1.0, 0.3, 0.0)]
     assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 1e-6
 
+def _context(run_dir, seed):
+    "What the engine hands a hook, for a run in `run_dir` (only what init_from reads)."
+    from czsl_nb.learner import FitContext, TrainConfig
+    return FitContext(TrainConfig(seed=seed, backbone="tiny"), run_dir, None, None, None, None, None)
+
 def test_init_from_loads_a_run_and_checks_its_parameters(trained, tmp_path):
     "Evaluation-only runs (other memory modes) start from another run's best checkpoint; training parameters must match."
-    from types import SimpleNamespace
     import yaml
     m, tokens, _ = trained
     source = tmp_path / "sam-full-s3"; source.mkdir()
     torch.save(m.trainable_state_dict(), source / "checkpoint_best.pt")
     params = {"method": "sam", "dataset": "synthetic", "backbone": "tiny", "pretrained": "", "method_params": dict(m.hparams)}
     (source / "params.yaml").write_text(yaml.safe_dump(params))
-    learner = SimpleNamespace(run_dir=tmp_path / "sam-kl-s3", cfg=SimpleNamespace(seed=3, dataset="synthetic", backbone="tiny", pretrained=""))
+    learner = _context(tmp_path / "sam-kl-s3", seed=3)
     fresh = SAM(tiny_backbone(), SPACE, memory="seen_only", init_from="sam-full-s{seed}")
     fresh.on_fit_start(learner); fresh.eval()
     text = m.prompts(m.backbone, ALL_PAIRS)
@@ -258,7 +262,6 @@ def test_init_from_loads_a_run_and_checks_its_parameters(trained, tmp_path):
 def test_vac_only_continues_a_stage1_run(trained, tmp_path):
     "schedule='vac_only' loads an SA run's LoRA and prompts, starts VAC fresh and trains stage II only."
     import yaml
-    from types import SimpleNamespace
     torch.manual_seed(0)
     sa = SAM(tiny_backbone(), SPACE, use_vac=False, use_kl=False, memory="none")
     sa.load_trainable_state_dict({k: v for k, v in trained[0].trainable_state_dict().items() if not k.startswith(("vac.", "memory_"))}
@@ -267,7 +270,7 @@ def test_vac_only_continues_a_stage1_run(trained, tmp_path):
     torch.save(sa.trainable_state_dict(), source / "checkpoint_best.pt")
     (source / "params.yaml").write_text(yaml.safe_dump({"method": "sam", "dataset": "synthetic", "backbone": "tiny", "pretrained": "",
                                                         "method_params": dict(sa.hparams)}))
-    learner = SimpleNamespace(run_dir=tmp_path / "sam-full-s0", cfg=SimpleNamespace(seed=0, dataset="synthetic", backbone="tiny", pretrained=""))
+    learner = _context(tmp_path / "sam-full-s0", seed=0)
     m = SAM(tiny_backbone(), SPACE, schedule="vac_only", init_from="sam-sa-s{seed}")
     vac_before = {k: v.clone() for k, v in m.state_dict().items() if k.startswith("vac.")}
     m.on_fit_start(learner); m.on_epoch_start(1, 1)
@@ -278,7 +281,6 @@ def test_vac_only_continues_a_stage1_run(trained, tmp_path):
 def test_evaluation_run_keeps_the_trained_vac(trained, tmp_path):
     "An epochs=0 evaluation of a vac_only run (another memory mode) loads its trained VAC, not a fresh one."
     import yaml
-    from types import SimpleNamespace
     m = trained[0]
     full = SAM(tiny_backbone(), SPACE, schedule="vac_only", init_from="sam-sa-s{seed}")
     full.load_trainable_state_dict(m.trainable_state_dict())
@@ -286,7 +288,7 @@ def test_evaluation_run_keeps_the_trained_vac(trained, tmp_path):
     torch.save(full.trainable_state_dict(), source / "checkpoint_best.pt")
     (source / "params.yaml").write_text(yaml.safe_dump({"method": "sam", "dataset": "synthetic", "backbone": "tiny", "pretrained": "",
                                                         "method_params": dict(full.hparams)}))
-    learner = SimpleNamespace(run_dir=tmp_path / "sam-kl-s1", cfg=SimpleNamespace(seed=1, dataset="synthetic", backbone="tiny", pretrained=""))
+    learner = _context(tmp_path / "sam-kl-s1", seed=1)
     kl = SAM(tiny_backbone(), SPACE, schedule="vac_only", init_from="sam-full-s{seed}", memory="none")
     kl.on_fit_start(learner)
     assert torch.equal(kl.vac.query, m.vac.query)
@@ -346,15 +348,13 @@ def test_pair_chunks_change_no_score_bank_or_gap(trained):
 def test_init_from_a_run_made_before_sa_tokens(trained, tmp_path):
     "A stage-I run written before sa_tokens existed selected among all tokens: it continues only as sa_tokens='all'."
     import yaml
-    from types import SimpleNamespace
     sa = SAM(tiny_backbone(), SPACE, use_vac=False, use_kl=False, memory="none", sa_tokens="all")
     source = tmp_path / "sam-old-s0"; source.mkdir()
     torch.save(sa.trainable_state_dict(), source / "checkpoint_best.pt")
     old = {k: v for k, v in sa.hparams.items() if k not in ("sa_tokens", "sa_global_weight")}
     (source / "params.yaml").write_text(yaml.safe_dump({"method": "sam", "dataset": "synthetic", "backbone": "tiny",
                                                         "pretrained": "", **old, "memory": "none"}))
-    cfg = SimpleNamespace(seed=0, dataset="synthetic", backbone="tiny", pretrained="")
-    learner = SimpleNamespace(run_dir=tmp_path / "next", cfg=cfg)
+    learner = _context(tmp_path / "next", seed=0)
     SAM(tiny_backbone(), SPACE, schedule="vac_only", init_from="sam-old-s{seed}", sa_tokens="all").on_fit_start(learner)
     with pytest.raises(ValueError, match="sa_tokens"):
         SAM(tiny_backbone(), SPACE, schedule="vac_only", init_from="sam-old-s{seed}").on_fit_start(learner)
