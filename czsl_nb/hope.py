@@ -9,6 +9,7 @@ from itertools import accumulate
 from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
+from .backbone import patch_to
 from .core import register
 from .data import clean_name
 from .methods import CZSLMethod, Params, hparam
@@ -136,70 +137,80 @@ class HOPE(CZSLMethod):
             out[:, start:start + len(t)] = self.backbone.logits(image, t)
         return out
 
-    def compose(self, features: torch.Tensor) -> Composed:
-        "Queries, Hopfield retrieval, linguistic counterparts and the composer, for [B, D] image features."
-        image = F.normalize(features.float(), dim=-1)
-        z = self.queries(image)
-        half = z.shape[1] // 2
-        attr, obj = self.attr_memory(z[:, :half]), self.obj_memory(z[:, half:])
-        attr_text = attr.weights @ self.attr_words[self.seen_ids[:, 0]]  # $T_i = s_i \\Pi_a M_t^a$
-        obj_text = obj.weights @ self.obj_words[self.seen_ids[:, 1]]
-        tokens = torch.cat([image[:, None], attr.patterns, obj.patterns, attr_text, obj_text], dim=1)
-        return Composed(image, self.composer(tokens)[:, 0], attr, obj)
+# %% ../nbs/25_hope.ipynb #08c9dff8
+@patch_to(HOPE)
+def compose(self: HOPE, features: torch.Tensor) -> Composed:
+    "Queries, Hopfield retrieval, linguistic counterparts and the composer, for [B, D] image features."
+    image = F.normalize(features.float(), dim=-1)
+    z = self.queries(image)
+    half = z.shape[1] // 2
+    attr, obj = self.attr_memory(z[:, :half]), self.obj_memory(z[:, half:])
+    attr_text = attr.weights @ self.attr_words[self.seen_ids[:, 0]]  # $T_i = s_i \\Pi_a M_t^a$
+    obj_text = obj.weights @ self.obj_words[self.seen_ids[:, 1]]
+    tokens = torch.cat([image[:, None], attr.patterns, obj.patterns, attr_text, obj_text], dim=1)
+    return Composed(image, self.composer(tokens)[:, 0], attr, obj)
 
-    def infonce(self, out: Composed, batch: dict) -> torch.Tensor:
-        "$\\mathcal{L}_{InfoNCE}$ (`infonce_form`); a retrieved vector is positive when its arg-max slot has the label."
-        seen, tau = self.seen_ids, self.hparams["infonce_tau"]
-        if self.hparams["infonce_form"] == "eq5":
-            positive = torch.cat([seen[out.attr.weights.argmax(-1), 0] == batch["attr"][:, None],
-                                  seen[out.obj.weights.argmax(-1), 1] == batch["obj"][:, None]], dim=1)  # [B, l]
-            patterns = torch.cat([out.attr.patterns, out.obj.patterns], dim=1)  # [B, l, D]
-            return retrieved_infonce(out.image, patterns, positive, tau)
-        # batch form, per memory: every retrieved vector of the batch is a candidate for every image
-        return sum(multi_positive_infonce(out.image, r.patterns.flatten(0, 1),
-                                          seen[r.weights.argmax(-1).flatten(), k][None, :] == batch[label][:, None],
-                                          tau)
-                   for k, (r, label) in enumerate([(out.attr, "attr"), (out.obj, "obj")]))
+@patch_to(HOPE)
+def infonce(self: HOPE, out: Composed, batch: dict) -> torch.Tensor:
+    "$\\mathcal{L}_{InfoNCE}$ (`infonce_form`); a retrieved vector is positive when its arg-max slot has the label."
+    seen, tau = self.seen_ids, self.hparams["infonce_tau"]
+    if self.hparams["infonce_form"] == "eq5":
+        positive = torch.cat([seen[out.attr.weights.argmax(-1), 0] == batch["attr"][:, None],
+                              seen[out.obj.weights.argmax(-1), 1] == batch["obj"][:, None]], dim=1)  # [B, l]
+        patterns = torch.cat([out.attr.patterns, out.obj.patterns], dim=1)  # [B, l, D]
+        return retrieved_infonce(out.image, patterns, positive, tau)
+    # batch form, per memory: every retrieved vector of the batch is a candidate for every image
+    return sum(multi_positive_infonce(out.image, r.patterns.flatten(0, 1),
+                                      seen[r.weights.argmax(-1).flatten(), k][None, :] == batch[label][:, None],
+                                      tau)
+               for k, (r, label) in enumerate([(out.attr, "attr"), (out.obj, "obj")]))
 
-    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        hp, seen = self.hparams, self.seen_ids
-        out = self.compose(self.batch_features(batch))
-        text = self.pair_text_features(seen)
-        # DFSP decomposition: each primitive's text = the normalised mean of its seen pairs' texts
-        f_ts = F.normalize(text.new_zeros(len(self.space.attrs), text.shape[1]).index_add(0, seen[:, 0], text), dim=-1)
-        f_to = F.normalize(text.new_zeros(len(self.space.objs), text.shape[1]).index_add(0, seen[:, 1], text), dim=-1)
-        logits = self.backbone.logits
-        terms = {"pair_loss": F.cross_entropy(self.pair_logits(out.composed, text), batch["pair"]),
-                 "dfm_loss": hp["dfm_weight"] * (F.cross_entropy(logits(out.composed, f_ts), batch["attr"]) +
-                                                 F.cross_entropy(logits(out.composed, f_to), batch["obj"])),
-                 "spm_loss": hp["spm_weight"] * F.cross_entropy(self.pair_logits(out.image, text), batch["pair"])}
-        if hp["use_retrieval_loss"]:
-            terms["retrieval_loss"] = hp["retrieval_weight"] * (
-                retrieval_loss(out.attr.weights, seen[:, 0], batch["attr"], hp["retrieval_target"]) +
-                retrieval_loss(out.obj.weights, seen[:, 1], batch["obj"], hp["retrieval_target"]))
-        if hp["use_infonce"]: terms["infonce_loss"] = hp["retrieval_weight"] * self.infonce(out, batch)
-        return self.stage_terms(terms)
+# %% ../nbs/25_hope.ipynb #f200f29b
+@patch_to(HOPE)
+def loss(self: HOPE, batch: dict) -> dict[str, torch.Tensor]:
+    hp, seen = self.hparams, self.seen_ids
+    out = self.compose(self.batch_features(batch))
+    text = self.pair_text_features(seen)
+    # DFSP decomposition: each primitive's text = the normalised mean of its seen pairs' texts
+    f_ts = F.normalize(text.new_zeros(len(self.space.attrs), text.shape[1]).index_add(0, seen[:, 0], text),
+                       dim=-1)
+    f_to = F.normalize(text.new_zeros(len(self.space.objs), text.shape[1]).index_add(0, seen[:, 1], text),
+                       dim=-1)
+    logits = self.backbone.logits
+    terms = {"pair_loss": F.cross_entropy(self.pair_logits(out.composed, text), batch["pair"]),
+             "dfm_loss": hp["dfm_weight"] * (F.cross_entropy(logits(out.composed, f_ts), batch["attr"]) +
+                                             F.cross_entropy(logits(out.composed, f_to), batch["obj"])),
+             "spm_loss": hp["spm_weight"] * F.cross_entropy(self.pair_logits(out.image, text), batch["pair"])}
+    if hp["use_retrieval_loss"]:
+        terms["retrieval_loss"] = hp["retrieval_weight"] * (
+            retrieval_loss(out.attr.weights, seen[:, 0], batch["attr"], hp["retrieval_target"]) +
+            retrieval_loss(out.obj.weights, seen[:, 1], batch["obj"], hp["retrieval_target"]))
+    if hp["use_infonce"]: terms["infonce_loss"] = hp["retrieval_weight"] * self.infonce(out, batch)
+    return self.stage_terms(terms)
 
-    def training_stages(self) -> tuple[str, ...]:
-        "The stages whose parts and loss terms train now: all of them outside a stage-wise run."
-        if self.stage is None: return HOPE_STAGES
-        if self.hparams["stagewise_parts"] == "cumulative": return HOPE_STAGES[:self.stage + 1]
-        return (HOPE_STAGES[self.stage],)
+@patch_to(HOPE)
+def training_stages(self: HOPE) -> tuple[str, ...]:
+    "The stages whose parts and loss terms train now: all of them outside a stage-wise run."
+    if self.stage is None: return HOPE_STAGES
+    if self.hparams["stagewise_parts"] == "cumulative": return HOPE_STAGES[:self.stage + 1]
+    return (HOPE_STAGES[self.stage],)
 
-    def stage_terms(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        "Loss terms of stages that do not train now are detached: logged every epoch, but without a gradient."
-        live = {term for stage in self.training_stages() for term in HOPE_STAGE_LOSSES[stage]}
-        return {k: v if k in live else v.detach() for k, v in terms.items()}
+@patch_to(HOPE)
+def stage_terms(self: HOPE, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    "Loss terms of stages that do not train now are detached: logged every epoch, but without a gradient."
+    live = {term for stage in self.training_stages() for term in HOPE_STAGE_LOSSES[stage]}
+    return {k: v if k in live else v.detach() for k, v in terms.items()}
 
-    @torch.no_grad()
-    def scorer(self, pair_ids: torch.Tensor):
-        text = self.pair_text_features(pair_ids)  # [P, D], kept for every batch of images
-        spm_weight = self.hparams["score_spm_weight"]
-        def score(features: torch.Tensor) -> torch.Tensor:
-            out = self.compose(features)  # retrieval reads the training memories: no pair axis
-            scores = self.pair_logits(out.composed, text)
-            return scores.add_(self.pair_logits(out.image, text), alpha=spm_weight) if spm_weight else scores
-        return torch.no_grad()(score)
+@patch_to(HOPE)
+@torch.no_grad()
+def scorer(self: HOPE, pair_ids: torch.Tensor):
+    text = self.pair_text_features(pair_ids)  # [P, D], kept for every batch of images
+    spm_weight = self.hparams["score_spm_weight"]
+    def score(features: torch.Tensor) -> torch.Tensor:
+        out = self.compose(features)  # retrieval reads the training memories: no pair axis
+        scores = self.pair_logits(out.composed, text)
+        return scores.add_(self.pair_logits(out.image, text), alpha=spm_weight) if spm_weight else scores
+    return torch.no_grad()(score)
 
 # %% ../nbs/25_hope.ipynb #0ec16404
 def stage_epochs(epochs: int, n_stages: int = len(HOPE_STAGES)) -> list[int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import torch
 import torch.nn.functional as F
+from .backbone import patch_to
 
 # %% auto #0
 __all__ = ['MEMORY_MODES', 'MEMORY_ALIASES', 'entropy', 'softmax_stats', 'lowest_entropy_slots', 'DynamicMemoryBank']
@@ -50,7 +51,8 @@ def lowest_entropy_slots(features: torch.Tensor,  # [M, D] image features of the
                          entropies: torch.Tensor,  # [M] entropy of each sample's prediction
                          eligible: torch.Tensor,  # [M] bool, e.g. predicted correctly
                          n_classes: int, n_slots: int):
-    "slots [n_classes, n_slots, D] holding each class's eligible samples of lowest entropy, their entropies and a `filled` mask."
+    ("slots [n_classes, n_slots, D] holding each class's eligible samples of lowest entropy, their entropies "
+     "and a `filled` mask.")
     slots = features.new_zeros(n_classes, n_slots, features.shape[-1])
     slot_entropy = entropies.new_full((n_classes, n_slots), math.inf)
     filled = torch.zeros(n_classes, n_slots, dtype=torch.bool, device=features.device)
@@ -114,61 +116,73 @@ class DynamicMemoryBank:
     @property
     def n_classes(self) -> int: return len(self.text)
 
-    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
-        "Every composition's slots [C, N, D] and entropies [C, N], text rows included: for small banks (tests, demos)."
-        slots = F.normalize(self.text.float(), dim=-1)[:, None].repeat(1, self.n_slots, 1)
-        entropies = torch.full(slots.shape[:2], math.inf, device=slots.device)
-        owner = self.owner[:self.n_rows]
-        slots[owner], entropies[owner] = self.slots[:self.n_rows], self.slot_entropy[:self.n_rows]
-        return slots, entropies
+# %% ../nbs/13_memory_bank.ipynb #7cf45bac
+@patch_to(DynamicMemoryBank)
+def dense(self: DynamicMemoryBank) -> tuple[torch.Tensor, torch.Tensor]:
+    "Every composition's slots [C, N, D] and entropies [C, N], text rows included: for small banks (tests, demos)."
+    slots = F.normalize(self.text.float(), dim=-1)[:, None].repeat(1, self.n_slots, 1)
+    entropies = torch.full(slots.shape[:2], math.inf, device=slots.device)
+    owner = self.owner[:self.n_rows]
+    slots[owner], entropies[owner] = self.slots[:self.n_rows], self.slot_entropy[:self.n_rows]
+    return slots, entropies
 
-    def prototypes(self, query: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-        "[B, C, D] attention-pooled prototype of each composition for each query [B, D]: for small banks."
-        slots = self.dense()[0]
-        sims = torch.einsum("bd,cnd->bcn", F.normalize(query.float(), dim=-1), slots)
-        attn = torch.softmax(sims / temperature, dim=-1)
-        return torch.einsum("bcn,cnd->bcd", attn, slots)
+@patch_to(DynamicMemoryBank)
+def prototypes(self: DynamicMemoryBank, query: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    "[B, C, D] attention-pooled prototype of each composition for each query [B, D]: for small banks."
+    slots = self.dense()[0]
+    sims = torch.einsum("bd,cnd->bcn", F.normalize(query.float(), dim=-1), slots)
+    attn = torch.softmax(sims / temperature, dim=-1)
+    return torch.einsum("bcn,cnd->bcd", attn, slots)
 
-    def _text_logits(self, unit_query: torch.Tensor) -> torch.Tensor:
-        "[B, C] v_q . t_i of every composition, `chunk_size` at a time."
-        parts = self.text.split(self.chunk_size)
-        return torch.cat([unit_query @ F.normalize(t.float(), dim=-1).T for t in parts], dim=1)
+# %% ../nbs/13_memory_bank.ipynb #eb40b352
+@patch_to(DynamicMemoryBank)
+def _text_logits(self: DynamicMemoryBank, unit_query: torch.Tensor) -> torch.Tensor:
+    "[B, C] v_q . t_i of every composition, `chunk_size` at a time."
+    parts = self.text.split(self.chunk_size)
+    return torch.cat([unit_query @ F.normalize(t.float(), dim=-1).T for t in parts], dim=1)
 
-    def _row_logits(self, unit_query: torch.Tensor, temperature: float) -> torch.Tensor:
-        "[B, R] v_q . P_i of the stored rows: v_q . P_i = sum_n attn_n (v_q . B_in), no [B, R, D] prototypes."
-        out = []
-        for slots in self.slots[:self.n_rows].split(self.chunk_size):
-            sims = torch.einsum("bd,rnd->brn", unit_query, slots)
-            out.append((torch.softmax(sims / temperature, dim=-1) * sims).sum(-1))
-        return torch.cat(out, dim=1) if out else unit_query.new_zeros(len(unit_query), 0)
+@patch_to(DynamicMemoryBank)
+def _row_logits(self: DynamicMemoryBank, unit_query: torch.Tensor, temperature: float) -> torch.Tensor:
+    "[B, R] v_q . P_i of the stored rows: v_q . P_i = sum_n attn_n (v_q . B_in), no [B, R, D] prototypes."
+    out = []
+    for slots in self.slots[:self.n_rows].split(self.chunk_size):
+        sims = torch.einsum("bd,rnd->brn", unit_query, slots)
+        out.append((torch.softmax(sims / temperature, dim=-1) * sims).sum(-1))
+    return torch.cat(out, dim=1) if out else unit_query.new_zeros(len(unit_query), 0)
 
-    def logits(self, query: torch.Tensor, scale: float, temperature: float = 0.1) -> torch.Tensor:
-        "[B, C] logits scale * v_q . P_i (softmax them for p_mb)."
-        unit = F.normalize(query.float(), dim=-1)
-        out = self._text_logits(unit)
-        out[:, self.owner[:self.n_rows]] = self._row_logits(unit, temperature)
-        return scale * out
+@patch_to(DynamicMemoryBank)
+def logits(self: DynamicMemoryBank, query: torch.Tensor, scale: float, temperature: float = 0.1) -> torch.Tensor:
+    "[B, C] logits scale * v_q . P_i (softmax them for p_mb)."
+    unit = F.normalize(query.float(), dim=-1)
+    out = self._text_logits(unit)
+    out[:, self.owner[:self.n_rows]] = self._row_logits(unit, temperature)
+    return scale * out
 
-    def update(self, feature: torch.Tensor, probs: torch.Tensor) -> bool:
-        "Offer one image (feature [D], composition distribution [C]): it replaces the highest-entropy slot of its predicted composition if its entropy is lower."
-        c, h = int(probs.argmax()), float(entropy(probs.float()))
-        if not h < math.inf: return False
-        row = int(self.row[c])
-        if row < 0: row = int(self._allocate(torch.tensor([c], device=self.row.device))[0])  # its slots: text, +inf
-        j = int(self.slot_entropy[row].argmax())
-        if not h < float(self.slot_entropy[row, j]): return False
-        self.slots[row, j] = F.normalize(feature.detach().float(), dim=-1)
-        self.slot_entropy[row, j] = h
-        return True
+# %% ../nbs/13_memory_bank.ipynb #9cebf325
+@patch_to(DynamicMemoryBank)
+def update(self: DynamicMemoryBank, feature: torch.Tensor, probs: torch.Tensor) -> bool:
+    ("Offer one image (feature [D], composition distribution [C]): it replaces the highest-entropy slot "
+     "of its predicted composition if its entropy is lower.")
+    c, h = int(probs.argmax()), float(entropy(probs.float()))
+    if not h < math.inf: return False
+    row = int(self.row[c])
+    if row < 0: row = int(self._allocate(torch.tensor([c], device=self.row.device))[0])  # its slots: text, +inf
+    j = int(self.slot_entropy[row].argmax())
+    if not h < float(self.slot_entropy[row, j]): return False
+    self.slots[row, j] = F.normalize(feature.detach().float(), dim=-1)
+    self.slot_entropy[row, j] = h
+    return True
 
-    def predict_then_update(self, query: torch.Tensor, probs: torch.Tensor, scale: float, temperature: float = 0.1) -> torch.Tensor:
-        "[B, C] logits of each query with the bank as it stands before it, updating after each (in batch order)."
-        unit = F.normalize(query.float(), dim=-1)
-        text_logits = self._text_logits(unit)  # text rows do not change within the batch unless a row is stored
-        out = []
-        for b in range(len(unit)):
-            row = text_logits[b].clone()
-            row[self.owner[:self.n_rows]] = self._row_logits(unit[b:b + 1], temperature)[0]
-            out.append(scale * row)
-            self.update(unit[b], probs[b])
-        return torch.stack(out)
+@patch_to(DynamicMemoryBank)
+def predict_then_update(self: DynamicMemoryBank, query: torch.Tensor, probs: torch.Tensor, scale: float,
+                        temperature: float = 0.1) -> torch.Tensor:
+    "[B, C] logits of each query with the bank as it stands before it, updating after each (in batch order)."
+    unit = F.normalize(query.float(), dim=-1)
+    text_logits = self._text_logits(unit)  # text rows do not change within the batch unless a row is stored
+    out = []
+    for b in range(len(unit)):
+        row = text_logits[b].clone()
+        row[self.owner[:self.n_rows]] = self._row_logits(unit[b:b + 1], temperature)[0]
+        out.append(scale * row)
+        self.update(unit[b], probs[b])
+    return torch.stack(out)

@@ -45,7 +45,8 @@ class TroikaPrompts(nn.Module):
                           for ids in pair_ids.split(chunk_size)])
         every_attr, _ = self.vocab.primitives()
         _, every_obj = self.vocab.primitives()  # its own dropout draw, as the object prompts have always had
-        return {"pair": pair, "attr": self.soft["attr"](backbone, [every_attr]), "obj": self.soft["obj"](backbone, [every_obj])}
+        return {"pair": pair, "attr": self.soft["attr"](backbone, [every_attr]),
+                "obj": self.soft["obj"](backbone, [every_obj])}
 
 # %% ../nbs/24_sam.ipynb #5f04fda6
 def lora_attention(wrapper, x: torch.Tensor, drop, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,6 +146,7 @@ def train_mode(module: nn.Module, mode: bool):
     finally:
         for m, was in before: m.training = was
 
+# %% ../nbs/24_sam.ipynb #557ec2ed
 @register("sam")
 class SAM(CZSLMethod):
     "SAM: LoRA image tower, Troika prompts, sparse alignment, VAC distilled from it, and a unimodal memory bank."
@@ -164,7 +166,8 @@ class SAM(CZSLMethod):
         if hp["selection"] == "linear":
             n = math.prod(backbone.grid_size) + (hp["sa_tokens"] == "all")
             self.sa_weights = nn.Parameter(torch.full((n,), 1 / n))
-        self.vac = VisualAdaptiveCondensation(backbone.embed_dim, hp["vac_depth"], dropout=hp["vac_dropout"]) if hp["use_vac"] else None
+        self.vac = (VisualAdaptiveCondensation(backbone.embed_dim, hp["vac_depth"], dropout=hp["vac_dropout"])
+                    if hp["use_vac"] else None)
         self.register_buffer("seen_ids", space.seen_ids, persistent=False)
         n_seen, d = len(space.seen_pairs), backbone.embed_dim
         self.register_buffer("memory_slots", torch.zeros(n_seen, hp["memory_slots"], d))
@@ -198,61 +201,71 @@ class SAM(CZSLMethod):
     @property
     def trains_backbone(self) -> bool: return self.stage in (0, 1)
 
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        "[B, 1+L, D] projected output tokens of the LoRA-tuned tower (frozen in stage II: no gradient, no dropout)."
-        trains = self.trains_backbone
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trains), \
-             train_mode(self.lora_dropout, self.lora_dropout.training and trains):
-            return self.backbone.image_tokens(images).tokens
+# %% ../nbs/24_sam.ipynb #a1fbef3a
+@patch_to(SAM)
+def image_features(self: SAM, images: torch.Tensor) -> torch.Tensor:
+    "[B, 1+L, D] projected output tokens of the LoRA-tuned tower (frozen in stage II: no gradient, no dropout)."
+    trains = self.trains_backbone
+    with torch.set_grad_enabled(torch.is_grad_enabled() and trains), \
+         train_mode(self.lora_dropout, self.lora_dropout.training and trains):
+        return self.backbone.image_tokens(images).tokens
 
-    def text_features(self, pair_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        "The prompts of `pair_ids` and every primitive (frozen in stage II: no gradient, no vocabulary dropout)."
-        trains = self.trains_backbone
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trains), \
-             train_mode(self.prompts, self.prompts.training and trains):
-            return self.prompts(self.backbone, pair_ids, self.pair_chunk_size)
+@patch_to(SAM)
+def text_features(self: SAM, pair_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    "The prompts of `pair_ids` and every primitive (frozen in stage II: no gradient, no vocabulary dropout)."
+    trains = self.trains_backbone
+    with torch.set_grad_enabled(torch.is_grad_enabled() and trains), \
+         train_mode(self.prompts, self.prompts.training and trains):
+        return self.prompts(self.backbone, pair_ids, self.pair_chunk_size)
 
-    @property
-    def scale(self) -> torch.Tensor: return self.backbone.logit_scale.detach().float().exp()
+@patch_to(SAM, as_prop=True)
+def scale(self: SAM) -> torch.Tensor: return self.backbone.logit_scale.detach().float().exp()
 
-    def global_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        "[B, D] unit-norm global image feature: VAC's v_q, or the class token without VAC."
-        return self.vac(tokens) if self.vac is not None else F.normalize(tokens[:, 0], dim=-1)
+@patch_to(SAM)
+def global_features(self: SAM, tokens: torch.Tensor) -> torch.Tensor:
+    "[B, D] unit-norm global image feature: VAC's v_q, or the class token without VAC."
+    return self.vac(tokens) if self.vac is not None else F.normalize(tokens[:, 0], dim=-1)
 
-    def sa_logits(self, tokens, text) -> dict[str, torch.Tensor]:
-        "Scaled SA scores s^W of each text kind: candidates `sa_tokens`, `selection`, mixed with CLS by W."
-        hp = self.hparams
-        sa = partial(sparse_alignment, selection=hp["selection"], attention_temperature=hp["attention_temperature"],
-                     candidates=hp["sa_tokens"], global_weight=hp["sa_global_weight"], linear_weights=self.sa_weights,
-                     chunk_size=self.pair_chunk_size)
-        return {k: self.scale * sa(tokens, t) for k, t in text.items()}
+@patch_to(SAM)
+def sa_logits(self: SAM, tokens, text) -> dict[str, torch.Tensor]:
+    "Scaled SA scores s^W of each text kind: candidates `sa_tokens`, `selection`, mixed with CLS by W."
+    hp = self.hparams
+    sa = partial(sparse_alignment, selection=hp["selection"], attention_temperature=hp["attention_temperature"],
+                 candidates=hp["sa_tokens"], global_weight=hp["sa_global_weight"], linear_weights=self.sa_weights,
+                 chunk_size=self.pair_chunk_size)
+    return {k: self.scale * sa(tokens, t) for k, t in text.items()}
 
-    def global_logits(self, feature, text) -> dict[str, torch.Tensor]:
-        return {k: self.scale * feature @ t.T for k, t in text.items()}
+@patch_to(SAM)
+def global_logits(self: SAM, feature, text) -> dict[str, torch.Tensor]:
+    return {k: self.scale * feature @ t.T for k, t in text.items()}
 
-    def _base_loss(self, logits: dict, batch: dict) -> torch.Tensor:
-        return (F.cross_entropy(logits["pair"], batch["pair"]) + F.cross_entropy(logits["attr"], batch["attr"])
-                + F.cross_entropy(logits["obj"], batch["obj"]))
+# %% ../nbs/24_sam.ipynb #ab530912
+@patch_to(SAM)
+def _base_loss(self: SAM, logits: dict, batch: dict) -> torch.Tensor:
+    return (F.cross_entropy(logits["pair"], batch["pair"]) + F.cross_entropy(logits["attr"], batch["attr"])
+            + F.cross_entropy(logits["obj"], batch["obj"]))
 
-    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        hp = self.hparams
-        tokens = self.batch_features(batch)
-        text = self.text_features(self.seen_ids)
-        zero = tokens.new_zeros(())
-        terms = {"base_loss": zero}
-        sa = self.sa_logits(tokens, text) if hp["use_sa"] and (self.trains_backbone or hp["use_kl"]) else None
-        if self.trains_backbone:
-            path = sa if hp["use_sa"] else self.global_logits(F.normalize(tokens[:, 0], dim=-1), text)
-            terms["base_loss"] = self._base_loss(path, batch)
-        if self.vac is None: return terms
-        terms["vac_loss"] = zero
-        if hp["use_kl"]: terms["kl_loss"] = zero
-        if self.stage in (0, 2):
-            vac = self.global_logits(self.vac(tokens.detach()), {k: t.detach() for k, t in text.items()})
-            weight = 1 - hp["alpha"] if hp["use_kl"] else 1.0
-            terms["vac_loss"] = weight * self._base_loss(vac, batch)
-            if hp["use_kl"]: terms["kl_loss"] = hp["alpha"] * distillation_kl(vac["pair"], sa["pair"], hp["kl_direction"])
-        return terms
+@patch_to(SAM)
+def loss(self: SAM, batch: dict) -> dict[str, torch.Tensor]:
+    hp = self.hparams
+    tokens = self.batch_features(batch)
+    text = self.text_features(self.seen_ids)
+    zero = tokens.new_zeros(())
+    terms = {"base_loss": zero}
+    sa = self.sa_logits(tokens, text) if hp["use_sa"] and (self.trains_backbone or hp["use_kl"]) else None
+    if self.trains_backbone:
+        path = sa if hp["use_sa"] else self.global_logits(F.normalize(tokens[:, 0], dim=-1), text)
+        terms["base_loss"] = self._base_loss(path, batch)
+    if self.vac is None: return terms
+    terms["vac_loss"] = zero
+    if hp["use_kl"]: terms["kl_loss"] = zero
+    if self.stage in (0, 2):
+        vac = self.global_logits(self.vac(tokens.detach()), {k: t.detach() for k, t in text.items()})
+        weight = 1 - hp["alpha"] if hp["use_kl"] else 1.0
+        terms["vac_loss"] = weight * self._base_loss(vac, batch)
+        if hp["use_kl"]:
+            terms["kl_loss"] = hp["alpha"] * distillation_kl(vac["pair"], sa["pair"], hp["kl_direction"])
+    return terms
 
 # %% ../nbs/24_sam.ipynb #89d5f8ec
 def fuse_scores(p_sa: torch.Tensor | None, p_global: torch.Tensor | None, p_mb: torch.Tensor | None,
@@ -313,7 +326,8 @@ def scorer(self: SAM, pair_ids: torch.Tensor):
 @patch_to(SAM)
 @torch.no_grad()
 def build_memory(self: SAM, train_features: torch.Tensor, pair_labels: torch.Tensor) -> None:
-    "Fill the seen bank: per seen composition, the N training features predicted correctly with the lowest entropy (over seen compositions)."
+    ("Fill the seen bank: per seen composition, the N training features predicted correctly with the lowest "
+     "entropy (over seen compositions).")
     text = self.text_features(self.seen_ids)["pair"]
     h, predicted = softmax_stats(train_features, text, self.scale, self.pair_chunk_size)
     slots, _, filled = lowest_entropy_slots(train_features, pair_labels, h, predicted == pair_labels,
@@ -352,12 +366,14 @@ def gap_record(self: SAM, batches) -> dict[str, float]:
     return record
 
 @patch_to(SAM)
-def modality_gaps(self: SAM, tokens: torch.Tensor, pair_ids: torch.Tensor, batch_size: int = 256) -> dict[str, float]:
+def modality_gaps(self: SAM, tokens: torch.Tensor, pair_ids: torch.Tensor,
+                  batch_size: int = 256) -> dict[str, float]:
     "The gap record of in-memory tokens [N, 1+L, D] with their labels [N, 2], `batch_size` images at a time."
     text = self.label_text(pair_ids)
     return self.gap_record(self.gap_statistics(tokens[i:i + batch_size].to(text.device), text[i:i + batch_size])
                            for i in range(0, len(tokens), batch_size))
 
+# %% ../nbs/24_sam.ipynb #d85ce232
 @patch_to(SAM)
 def _test_gap_statistics(self: SAM, ctx):
     "Gap statistics of the test split, batch by batch: evaluation transform, sharded over the processes, gathered."
@@ -396,7 +412,8 @@ def on_fit_start(self: SAM, ctx) -> None:
     after_stage1 = self.hparams["schedule"] == "vac_only" and not params.get("use_vac")
     compared = SAM_STAGE1_PARAMS if after_stage1 else [k for k in self.hparams if k not in SAM_INFERENCE_PARAMS]
     differ.update({k: params.get(k) for k in compared if params.get(k) != self.hparams[k]})
-    if differ: raise ValueError(f"init_from={source!r}: that run differs in {differ}; they must agree on {sorted(compared)}")
+    if differ:
+        raise ValueError(f"init_from={source!r}: that run differs in {differ}; they must agree on {sorted(compared)}")
     own = self.state_dict()  # the bank is rebuilt by on_fit_end for this run's memory mode
     state.update({k: own[k] for k in ("memory_slots", "memory_filled", "memory_built")})
     if after_stage1: state.update({k: v for k, v in own.items() if k.startswith("vac.")})  # VAC starts fresh

@@ -27,7 +27,8 @@ def smoothed_targets(target: torch.Tensor,  # [B] long: ground-truth class
     "[B, n_classes] soft targets: 1 - alpha on `target`, alpha / t on each auxiliary class; rows sum to one."
     if not 0.0 <= alpha <= 1.0: raise ValueError(f"alpha={alpha}: the smoothing mass must lie in [0, 1]")
     aux = aux.reshape(len(target), -1).to(target.device)
-    if aux.shape[1] == 0 and alpha > 0: raise ValueError(f"alpha={alpha} > 0 needs at least one auxiliary class per row")
+    if aux.shape[1] == 0 and alpha > 0:
+        raise ValueError(f"alpha={alpha} > 0 needs at least one auxiliary class per row")
     q = torch.zeros(len(target), n_classes, device=target.device)
     q.scatter_add_(1, target[:, None].long(), torch.full((len(target), 1), 1.0 - alpha, device=target.device))
     if aux.shape[1]: q.scatter_add_(1, aux.long(), torch.full(aux.shape, alpha / aux.shape[1], device=target.device))
@@ -54,7 +55,8 @@ class AuxAttributeProvider(Protocol):
     def get(self, pairs: Sequence[Pair], t: int) -> dict[Pair, list[str]]: ...
 
 # %% ../nbs/17_attribute_smoothing.ipynb #38e02390
-LLM_PROMPT = ("Please give me {n} adjectives that can describe the visual feature of a photo of a/an {attr} {obj} well. "
+LLM_PROMPT = ("Please give me {n} adjectives that can describe the visual feature of a photo of a/an "
+              "{attr} {obj} well. "
               "Please strictly follow the format: give me just {n} words separated by commas and do not say more.")
 _NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
@@ -82,7 +84,8 @@ def parse_llm_answer(text: str) -> list[str]:
 
 # %% ../nbs/17_attribute_smoothing.ipynb #48a0caaf
 class JsonlAuxFile:
-    "Auxiliary attributes from a JSONL file in TRIDENT's format: one {\"attr obj\": [\"adj1\", \"adj2\", \"adj3\"]} per line."
+    ("Auxiliary attributes from a JSONL file in TRIDENT's format: "
+     "one {\"attr obj\": [\"adj1\", \"adj2\", \"adj3\"]} per line.")
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
         if not self.path.is_file(): raise FileNotFoundError(f"auxiliary attribute file {self.path} not found")
@@ -93,18 +96,21 @@ class JsonlAuxFile:
             try: entry = json.loads(line)
             except json.JSONDecodeError as e: raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(entry, dict) or len(entry) != 1:
-                raise ValueError(f'{where}: expected one object with one key, like {{"old car": ["rusty", "dusty", "vintage"]}}')
+                raise ValueError(f'{where}: expected one object with one key, '
+                                 'like {"old car": ["rusty", "dusty", "vintage"]}')
             (key, words), = entry.items()
             if isinstance(words, str): words = parse_llm_answer(words)
             if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
-                raise ValueError(f"{where}: the value of {key!r} must be a non-empty list of words (or an answer string)")
+                raise ValueError(f"{where}: the value of {key!r} must be a non-empty list of words "
+                                 "(or an answer string)")
             if key in self.table: raise ValueError(f"{where}: pair {key!r} is listed twice")
             self.table[key] = [w.strip() for w in words]
 
     def get(self, pairs: Sequence[Pair], t: int) -> dict[Pair, list[str]]:
         "The first `t` words listed for each pair; every pair must be in the file with at least `t` words."
         missing = [pair_key(p) for p in pairs if pair_key(p) not in self.table]
-        if missing: raise ValueError(f"{self.path}: no auxiliary attributes for {len(missing)} pair(s), e.g. {missing[:5]}")
+        if missing:
+            raise ValueError(f"{self.path}: no auxiliary attributes for {len(missing)} pair(s), e.g. {missing[:5]}")
         short = [pair_key(p) for p in pairs if len(self.table[pair_key(p)]) < t]
         if short: raise ValueError(f"{self.path}: fewer than t={t} words for {len(short)} pair(s), e.g. {short[:5]}")
         return {tuple(p): self.table[pair_key(p)][:t] for p in pairs}
@@ -141,7 +147,8 @@ def rank_other_attributes(backbone: CLIPBackbone, attrs: Sequence[str], pairs: S
     return {tuple(p): words for p, words in zip(pairs, out)}
 
 class ClipNeighbourAux:
-    "Auxiliary attributes without an LLM: the t (at most |A| - 1) vocabulary attributes a' != a whose prompt with the same object is nearest in CLIP text space."
+    ("Auxiliary attributes without an LLM: the t (at most |A| - 1) vocabulary attributes a' != a "
+     "whose prompt with the same object is nearest in CLIP text space.")
     def __init__(self, backbone: CLIPBackbone, attrs: Sequence[str], template: str = "a photo of {} {}",
                  chunk_size: int = 1024):
         self.backbone, self.attrs, self.template, self.chunk_size = backbone, list(attrs), template, chunk_size
@@ -213,7 +220,8 @@ def aux_index_table(pairs: Sequence[Pair],  # pairs whose rows the table holds, 
     index = {o: len(attrs) + j for j, o in enumerate(objs)}
     index.update({a: i for i, a in enumerate(attrs)})  # a name that is both prefers its attribute class
     lengths = {len(aux[tuple(p)]) for p in pairs}
-    if len(lengths) > 1: raise ValueError(f"every pair needs the same number of auxiliary words; got lengths {sorted(lengths)}")
+    if len(lengths) > 1:
+        raise ValueError(f"every pair needs the same number of auxiliary words; got lengths {sorted(lengths)}")
     new_words = sorted({w for p in pairs for w in aux[tuple(p)]} - set(index))
     index.update({w: len(attrs) + len(objs) + k for k, w in enumerate(new_words)})
     table = torch.tensor([[index[w] for w in aux[tuple(p)]] for p in pairs], dtype=torch.long).reshape(len(pairs), -1)

@@ -49,6 +49,7 @@ def selection_weights(tokens: torch.Tensor,  # [B, 1+L, D] visual tokens, CLS fi
         return linear_weights.to(cand.dtype)[None].expand(len(cand), -1)
     raise ValueError(f"selection {selection!r} has no text-independent weights; those that do: mean, attention, linear")
 
+# %% ../nbs/12_sparse_alignment.ipynb #33852a8c
 class MaxOverTokens(torch.autograd.Function):
     "s [B, C] = max_k u_k . t_c of unit tokens [B, K, D] and unit texts [C, D], `chunk` texts at a time."
     @staticmethod
@@ -75,6 +76,7 @@ class MaxOverTokens(torch.autograd.Function):
             if grad_text is not None: grad_text[part] = torch.einsum("bkc,bkd->cd", routed, tokens)
         return grad_tokens, grad_text, None
 
+# %% ../nbs/12_sparse_alignment.ipynb #522b875d
 def sparse_alignment(tokens: torch.Tensor,  # [B, 1+L, D] visual tokens, CLS first
                      text: torch.Tensor,  # [C, D] text features
                      selection: str = "max",  # how tokens are reduced: max (SAM), mean, attention or linear
@@ -155,7 +157,8 @@ def distillation_kl(student_logits: torch.Tensor,  # [B, C] logits of the studen
                     direction: str = "vac||sa",  # "vac||sa": KL(p_student || p_teacher) as the paper writes it
                     ) -> torch.Tensor:
     "Batch-mean KL divergence between the softmax distributions; no gradient reaches the teacher."
-    if direction not in KL_DIRECTIONS: raise ValueError(f"unknown direction {direction!r}; choose one of {KL_DIRECTIONS}")
+    if direction not in KL_DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; choose one of {KL_DIRECTIONS}")
     log_s, log_t = F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.detach().float(), -1)
     if direction == "vac||sa": return (log_s.exp() * (log_s - log_t)).sum(-1).mean()
     return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
@@ -189,5 +192,6 @@ class ModalityGap:
 def relative_modality_gap(image: torch.Tensor,  # [N, D] image-side representations
                           text: torch.Tensor,  # [N, D] the matched text of each image
                           ) -> float:
-    "RMG of matched pairs: mean cross-modal dissimilarity of matches relative to it plus the mean intra-modal dissimilarity."
+    ("RMG of matched pairs: mean cross-modal dissimilarity of matches relative to it plus the mean "
+     "intra-modal dissimilarity.")
     return ModalityGap().update(image, text).value()

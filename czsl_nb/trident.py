@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from .backbone import patch_to
 from .core import register
 from .methods import CZSLMethod, Params, hparam
 from .smoothing import (IMAGE_AUX_PROVIDERS, ClipNeighbourAux, aux_attribute_provider, aux_index_table,
@@ -114,130 +115,147 @@ class Trident(CZSLMethod):
         self.register_buffer("seen_ids", space.seen_ids, persistent=False)
         self.register_buffer("aux_table", aux_table)  # saved: a reloaded model keeps the attributes chosen from images
 
-    # -- image side ---------------------------------------------------------------------------------
-    def feature_spec(self) -> str:
-        "The cached features depend on the layer alone: every TRIDENT variant shares one feature cache."
-        return f"vit-hidden-tokens:layer={self.hparams['layer']}"
-
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        "[B, 1+L, D_v] the frozen ViT's tokens (CLS first) at `layer`, before ln_post: cacheable."
-        return self.backbone.image_tokens(images, layers=(self.hparams["layer"],)).hidden[self.hparams["layer"]]
-
-    def slots(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Local [B, p, d] and global [B, q, d] features of tokens [B, 1+L, D_v]."
-        return self.faa(self.cmc(tokens[:, 1:])), self.masks(tokens[:, 0])
-
-    def embed_image(self, local: torch.Tensor, glob: torch.Tensor) -> torch.Tensor:
-        "z [B, d]: the image embedder on the concatenated slot means."
-        return self.image_embedder(torch.cat([local.mean(1), glob.mean(1)], dim=-1))
-
-    # -- word side ----------------------------------------------------------------------------------
-    def concepts(self, pair_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        "[P, d] composition embeddings c_{a,o} = W_c [w_o; w_a] of pair ids [P, 2], `pair_chunk_size` pairs at a time."
-        w, chunk = self.word_embedding.weight, self.pair_chunk_size
-        def make(ids):  # [w_o; w_a] is 2W wide (8192 with LLaVA's words): never for all pairs at once
-            c = self.compose(torch.cat([w[self.n_attrs + ids[:, 1]], w[ids[:, 0]]], dim=-1))
-            return F.normalize(c, dim=-1) if normalize else c
-        if torch.is_grad_enabled() and len(pair_ids): return torch.cat([make(ids) for ids in pair_ids.split(chunk)])
-        out = torch.empty(len(pair_ids), self.hparams["emb_dim"], device=w.device)  # filled in place: no second copy
-        for start in range(0, len(pair_ids), chunk): out[start:start + chunk] = make(pair_ids[start:start + chunk])
-        return out
-
-    def pair_cosines(self, z: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
-        "[B, P] cos(z, c) of embeddings z [B, d] and L2-normalised concepts [P, d], `pair_chunk_size` pairs at a time."
-        z, chunk = F.normalize(z, dim=-1), self.pair_chunk_size
-        if torch.is_grad_enabled(): return torch.cat([z @ c.T for c in concepts.split(chunk)], dim=1)
-        out = torch.empty(len(z), len(concepts), device=z.device)
-        for start in range(0, len(concepts), chunk): out[:, start:start + chunk] = z @ concepts[start:start + chunk].T
-        return out
-
-    def cosine(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=-1) @ F.normalize(classes, dim=-1).T
-
-    # -- auxiliary attributes -----------------------------------------------------------------------
-    @property
-    def aux_words(self) -> dict[tuple[str, str], list[str]]:
-        "Each seen pair's auxiliary words as the table holds them (empty before they are chosen)."
-        rows = zip(self.space.seen_pairs, self.aux_table.tolist())
-        return {tuple(p): [self.words[i] for i in row if i >= 0] for p, row in rows}
-
-    @torch.no_grad()
-    def choose_aux_attributes(self, features: torch.Tensor,  # [N, D] CLIP image features of training images
-                              pair: torch.Tensor) -> None:  # [N] each image's seen-pair index, -1 for none
-        "Set every seen pair's auxiliary attributes from its training images (`aux_attributes` clip_images*)."
-        spec, seen = self.hparams["aux_attributes"], [tuple(p) for p in self.space.seen_pairs]
-        if spec not in IMAGE_AUX_PROVIDERS: raise ValueError(f"aux_attributes={spec!r} does not choose from images")
-        provider = aux_attribute_provider(spec, self.backbone, self.space.attrs, pair_prototypes(features, pair, seen),
-                                          chunk_size=self.pair_chunk_size)
-        aux = provider.get(seen, self.hparams["aux_per_pair"])
-        table, _ = aux_index_table(seen, aux, self.space.attrs, self.space.objs)
-        self.aux_table.copy_(table)
-
-    def on_fit_start(self, ctx) -> None:
-        "clip_images*: choose the auxiliary attributes from CLIP's image features of every training image."
-        if self.hparams["aux_attributes"] not in IMAGE_AUX_PROVIDERS: return
-        layer = self.hparams["layer"]
-        pooled, labels = ctx.split_outputs("train", lambda tokens: pooled_from_hidden(self.backbone, tokens, layer))
-        self.choose_aux_attributes(pooled, labels["pair"])
-
-    def aux_rows(self, pair: torch.Tensor) -> torch.Tensor:
-        "[B, t] auxiliary word indices of seen-pair indices [B]."
-        if (self.aux_table < 0).any():  # used outside the engine before on_fit_start: text neighbours stand in
-            seen = [tuple(p) for p in self.space.seen_pairs]
-            neighbours = ClipNeighbourAux(self.backbone, self.space.attrs, chunk_size=self.pair_chunk_size)
-            aux = neighbours.get(seen, self.hparams["aux_per_pair"])
-            self.aux_table.copy_(aux_index_table(seen, aux, self.space.attrs, self.space.objs)[0])
-        return self.aux_table[pair]
-
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         "As every method; a checkpoint saved before the table was keeps the one built here (fixed unless clip_images*)."
         if "aux_table" not in state and self.hparams["aux_attributes"] not in IMAGE_AUX_PROVIDERS:
             state = {**state, "aux_table": self.aux_table}
         super().load_trainable_state_dict(state)
 
-    # -- training -----------------------------------------------------------------------------------
-    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        hp, temp = self.hparams, self.hparams["temperature"]
-        views = [batch, batch["attr_partner"], batch["obj_partner"]]
-        slots = [self.slots(self.batch_features(v)) for v in views]
-        concepts = self.concepts(self.seen_ids, normalize=True)
-        pair_loss = sum(F.cross_entropy(self.pair_cosines(self.embed_image(*s), concepts) / temp, v["pair"])
-                        for s, v in zip(slots, views)) / 3
-        ortho_loss = sum(orthogonality_loss(part) for s in slots for part in s) / 6
-        dis_loss = self.disentangle_loss(batch, [torch.cat(s, dim=1) for s in slots])
-        return {"pair_loss": pair_loss, "dis_loss": hp["w_dis"] * dis_loss, "ortho_loss": hp["w_ortho"] * ortho_loss}
+# %% ../nbs/27_trident.ipynb #984c7a02
+@patch_to(Trident)
+def feature_spec(self: Trident) -> str:
+    "The cached features depend on the layer alone: every TRIDENT variant shares one feature cache."
+    return f"vit-hidden-tokens:layer={self.hparams['layer']}"
 
-    def disentangle_loss(self, batch: dict, slots: list[torch.Tensor]) -> torch.Tensor:
-        "L_dis: the ten word-classification terms on the shared/exclusive parts of (x, x_a) and (x, x_o)."
-        temp, alpha = self.hparams["temperature"], self.hparams["alpha"]
-        x, x_a, x_o = slots
-        pa, po = batch["attr_partner"], batch["obj_partner"]
-        attr, obj = batch["attr"], self.n_attrs + batch["obj"]  # word indices
-        # alpha = 0 is plain cross-entropy: no auxiliary attributes needed
-        rows = (lambda pair: self.aux_rows(pair)) if alpha > 0 else (lambda pair: pair.new_zeros(len(pair), 0))
-        aux, aux_a, aux_o = (rows(b["pair"]) for b in (batch, pa, po))
-        words = self.disentangler.word_mlp(self.word_embedding.weight)
-        logits = lambda f: self.cosine(f, words) / temp
-        ce = lambda f, y: F.cross_entropy(logits(f), y, reduction="none")
-        ls = lambda f, y, a: smoothed_cross_entropy(logits(f), y, a, alpha, reduction="none")
-        masked = lambda terms, m: sum((t * m).sum() for t in terms) / m.sum().clamp(min=1)
-        shared, sh_1, sh_2, ex_1, ex_2 = self.disentangler(x, x_a)  # shared: the attribute
-        by_attr = [ce(shared, attr), ls(sh_1, attr, aux), ls(sh_2, attr, aux_a), ce(ex_1, obj), ce(ex_2, self.n_attrs + pa["obj"])]
-        shared, sh_1, sh_2, ex_1, ex_2 = self.disentangler(x, x_o)  # shared: the object
-        by_obj = [ce(shared, obj), ce(sh_1, obj), ce(sh_2, obj), ls(ex_1, attr, aux), ls(ex_2, po["attr"], aux_o)]
-        return (masked(by_attr, batch["attr_partner_mask"].float()) + masked(by_obj, batch["obj_partner_mask"].float())) / 10
+@patch_to(Trident)
+def image_features(self: Trident, images: torch.Tensor) -> torch.Tensor:
+    "[B, 1+L, D_v] the frozen ViT's tokens (CLS first) at `layer`, before ln_post: cacheable."
+    return self.backbone.image_tokens(images, layers=(self.hparams["layer"],)).hidden[self.hparams["layer"]]
 
-    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
-        "Everything at `lr`, the word embeddings at `lr_word_embedding` (TRIDENT's two Adam groups)."
-        word = self.word_embedding.weight
-        rest = [p for p in self.parameters() if p.requires_grad and p is not word]
-        groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
-        if word.requires_grad: groups.append({"params": [word], "lr": self.hparams["lr_word_embedding"], "weight_decay": weight_decay})
-        return groups
+@patch_to(Trident)
+def slots(self: Trident, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "Local [B, p, d] and global [B, q, d] features of tokens [B, 1+L, D_v]."
+    return self.faa(self.cmc(tokens[:, 1:])), self.masks(tokens[:, 0])
 
-    # -- inference ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def scorer(self, pair_ids: torch.Tensor):
-        "Raw cosine between z(x) and c_{a,o} (TRIDENT's evaluation: no temperature, no primitive fusion)."
-        concepts = self.concepts(pair_ids, normalize=True)  # [P, d], built once per call, chunk by chunk
-        return lambda features: self.pair_cosines(self.embed_image(*self.slots(features)), concepts).float()
+@patch_to(Trident)
+def embed_image(self: Trident, local: torch.Tensor, glob: torch.Tensor) -> torch.Tensor:
+    "z [B, d]: the image embedder on the concatenated slot means."
+    return self.image_embedder(torch.cat([local.mean(1), glob.mean(1)], dim=-1))
+
+# %% ../nbs/27_trident.ipynb #ebad4f0d
+@patch_to(Trident)
+def concepts(self: Trident, pair_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    "[P, d] composition embeddings c_{a,o} = W_c [w_o; w_a] of pair ids [P, 2], `pair_chunk_size` pairs at a time."
+    w, chunk = self.word_embedding.weight, self.pair_chunk_size
+    def make(ids):  # [w_o; w_a] is 2W wide (8192 with LLaVA's words): never for all pairs at once
+        c = self.compose(torch.cat([w[self.n_attrs + ids[:, 1]], w[ids[:, 0]]], dim=-1))
+        return F.normalize(c, dim=-1) if normalize else c
+    if torch.is_grad_enabled() and len(pair_ids): return torch.cat([make(ids) for ids in pair_ids.split(chunk)])
+    out = torch.empty(len(pair_ids), self.hparams["emb_dim"], device=w.device)  # filled in place: no second copy
+    for start in range(0, len(pair_ids), chunk): out[start:start + chunk] = make(pair_ids[start:start + chunk])
+    return out
+
+@patch_to(Trident)
+def pair_cosines(self: Trident, z: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
+    "[B, P] cos(z, c) of embeddings z [B, d] and L2-normalised concepts [P, d], `pair_chunk_size` pairs at a time."
+    z, chunk = F.normalize(z, dim=-1), self.pair_chunk_size
+    if torch.is_grad_enabled(): return torch.cat([z @ c.T for c in concepts.split(chunk)], dim=1)
+    out = torch.empty(len(z), len(concepts), device=z.device)
+    for start in range(0, len(concepts), chunk): out[:, start:start + chunk] = z @ concepts[start:start + chunk].T
+    return out
+
+@patch_to(Trident)
+def cosine(self: Trident, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1) @ F.normalize(classes, dim=-1).T
+
+# %% ../nbs/27_trident.ipynb #56a98adf
+@patch_to(Trident, as_prop=True)
+def aux_words(self: Trident) -> dict[tuple[str, str], list[str]]:
+    "Each seen pair's auxiliary words as the table holds them (empty before they are chosen)."
+    rows = zip(self.space.seen_pairs, self.aux_table.tolist())
+    return {tuple(p): [self.words[i] for i in row if i >= 0] for p, row in rows}
+
+@patch_to(Trident)
+@torch.no_grad()
+def choose_aux_attributes(self: Trident, features: torch.Tensor,  # [N, D] CLIP image features of training images
+                          pair: torch.Tensor) -> None:  # [N] each image's seen-pair index, -1 for none
+    "Set every seen pair's auxiliary attributes from its training images (`aux_attributes` clip_images*)."
+    spec, seen = self.hparams["aux_attributes"], [tuple(p) for p in self.space.seen_pairs]
+    if spec not in IMAGE_AUX_PROVIDERS: raise ValueError(f"aux_attributes={spec!r} does not choose from images")
+    provider = aux_attribute_provider(spec, self.backbone, self.space.attrs,
+                                      pair_prototypes(features, pair, seen), chunk_size=self.pair_chunk_size)
+    aux = provider.get(seen, self.hparams["aux_per_pair"])
+    table, _ = aux_index_table(seen, aux, self.space.attrs, self.space.objs)
+    self.aux_table.copy_(table)
+
+@patch_to(Trident)
+def on_fit_start(self: Trident, ctx) -> None:
+    "clip_images*: choose the auxiliary attributes from CLIP's image features of every training image."
+    if self.hparams["aux_attributes"] not in IMAGE_AUX_PROVIDERS: return
+    layer = self.hparams["layer"]
+    pooled, labels = ctx.split_outputs("train", lambda tokens: pooled_from_hidden(self.backbone, tokens, layer))
+    self.choose_aux_attributes(pooled, labels["pair"])
+
+@patch_to(Trident)
+def aux_rows(self: Trident, pair: torch.Tensor) -> torch.Tensor:
+    "[B, t] auxiliary word indices of seen-pair indices [B]."
+    if (self.aux_table < 0).any():  # used outside the engine before on_fit_start: text neighbours stand in
+        seen = [tuple(p) for p in self.space.seen_pairs]
+        neighbours = ClipNeighbourAux(self.backbone, self.space.attrs, chunk_size=self.pair_chunk_size)
+        aux = neighbours.get(seen, self.hparams["aux_per_pair"])
+        self.aux_table.copy_(aux_index_table(seen, aux, self.space.attrs, self.space.objs)[0])
+    return self.aux_table[pair]
+
+# %% ../nbs/27_trident.ipynb #f37d1eb7
+@patch_to(Trident)
+def loss(self: Trident, batch: dict) -> dict[str, torch.Tensor]:
+    hp, temp = self.hparams, self.hparams["temperature"]
+    views = [batch, batch["attr_partner"], batch["obj_partner"]]
+    slots = [self.slots(self.batch_features(v)) for v in views]
+    concepts = self.concepts(self.seen_ids, normalize=True)
+    pair_loss = sum(F.cross_entropy(self.pair_cosines(self.embed_image(*s), concepts) / temp, v["pair"])
+                    for s, v in zip(slots, views)) / 3
+    ortho_loss = sum(orthogonality_loss(part) for s in slots for part in s) / 6
+    dis_loss = self.disentangle_loss(batch, [torch.cat(s, dim=1) for s in slots])
+    return {"pair_loss": pair_loss, "dis_loss": hp["w_dis"] * dis_loss, "ortho_loss": hp["w_ortho"] * ortho_loss}
+
+@patch_to(Trident)
+def disentangle_loss(self: Trident, batch: dict, slots: list[torch.Tensor]) -> torch.Tensor:
+    "L_dis: the ten word-classification terms on the shared/exclusive parts of (x, x_a) and (x, x_o)."
+    temp, alpha = self.hparams["temperature"], self.hparams["alpha"]
+    x, x_a, x_o = slots
+    pa, po = batch["attr_partner"], batch["obj_partner"]
+    attr, obj = batch["attr"], self.n_attrs + batch["obj"]  # word indices
+    # alpha = 0 is plain cross-entropy: no auxiliary attributes needed
+    rows = (lambda pair: self.aux_rows(pair)) if alpha > 0 else (lambda pair: pair.new_zeros(len(pair), 0))
+    aux, aux_a, aux_o = (rows(b["pair"]) for b in (batch, pa, po))
+    words = self.disentangler.word_mlp(self.word_embedding.weight)
+    logits = lambda f: self.cosine(f, words) / temp
+    ce = lambda f, y: F.cross_entropy(logits(f), y, reduction="none")
+    ls = lambda f, y, a: smoothed_cross_entropy(logits(f), y, a, alpha, reduction="none")
+    masked = lambda terms, m: sum((t * m).sum() for t in terms) / m.sum().clamp(min=1)
+    shared, sh_1, sh_2, ex_1, ex_2 = self.disentangler(x, x_a)  # shared: the attribute
+    by_attr = [ce(shared, attr), ls(sh_1, attr, aux), ls(sh_2, attr, aux_a), ce(ex_1, obj),
+               ce(ex_2, self.n_attrs + pa["obj"])]
+    shared, sh_1, sh_2, ex_1, ex_2 = self.disentangler(x, x_o)  # shared: the object
+    by_obj = [ce(shared, obj), ce(sh_1, obj), ce(sh_2, obj), ls(ex_1, attr, aux), ls(ex_2, po["attr"], aux_o)]
+    return (masked(by_attr, batch["attr_partner_mask"].float())
+            + masked(by_obj, batch["obj_partner_mask"].float())) / 10
+
+@patch_to(Trident)
+def param_groups(self: Trident, lr: float, weight_decay: float = 0.0) -> list[dict]:
+    "Everything at `lr`, the word embeddings at `lr_word_embedding` (TRIDENT's two Adam groups)."
+    word = self.word_embedding.weight
+    rest = [p for p in self.parameters() if p.requires_grad and p is not word]
+    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
+    if word.requires_grad:
+        groups.append({"params": [word], "lr": self.hparams["lr_word_embedding"], "weight_decay": weight_decay})
+    return groups
+
+# %% ../nbs/27_trident.ipynb #a4408552
+@patch_to(Trident)
+@torch.no_grad()
+def scorer(self: Trident, pair_ids: torch.Tensor):
+    "Raw cosine between z(x) and c_{a,o} (TRIDENT's evaluation: no temperature, no primitive fusion)."
+    concepts = self.concepts(pair_ids, normalize=True)  # [P, d], built once per call, chunk by chunk
+    return lambda features: self.pair_cosines(self.embed_image(*self.slots(features)), concepts).float()

@@ -36,9 +36,11 @@ class CrossModalConnector(nn.Module):
         state = torch.load(path, map_location="cpu", weights_only=True)
         keys = {"0.weight", "0.bias", "2.weight", "2.bias"}
         if not isinstance(state, dict) or set(state) != keys:
-            raise ValueError(f"{path}: expected a LLaVA mm_projector state dict with keys {sorted(keys)}, got {sorted(state) if isinstance(state, dict) else type(state).__name__}")
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{path}: expected a LLaVA mm_projector state dict with keys {sorted(keys)}, got {got}")
         hidden, got_in = state["0.weight"].shape
-        if got_in != in_dim: raise ValueError(f"{path}: the projector takes {got_in}-d tokens but the backbone's width is {in_dim}")
+        if got_in != in_dim:
+            raise ValueError(f"{path}: the projector takes {got_in}-d tokens but the backbone's width is {in_dim}")
         net = nn.Sequential(nn.Linear(got_in, hidden), nn.ReLU(), nn.Linear(hidden, state["2.weight"].shape[0]))
         net.load_state_dict({k: v.float() for k, v in state.items()})
         return net

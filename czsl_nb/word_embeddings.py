@@ -47,7 +47,9 @@ class GloveFormatFile:
                 if not parts[0]: continue
                 if n == 1 and len(parts) == 2 and all(p.isdigit() for p in parts): continue  # word2vec header
                 try: values = np.asarray(parts[1:], dtype=np.float32)
-                except ValueError: raise ValueError(f"{self.path}, line {n}: expected 'word v1 ... vd' with numbers after the word") from None
+                except ValueError:
+                    raise ValueError(f"{self.path}, line {n}: expected 'word v1 ... vd' "
+                                     "with numbers after the word") from None
                 if not len(values): raise ValueError(f"{self.path}, line {n}: word {parts[0]!r} has no values")
                 if self.dim and len(values) != self.dim:
                     raise ValueError(f"{self.path}, line {n}: {len(values)} values, but earlier lines have {self.dim}")
@@ -72,7 +74,8 @@ class GloveFormatFile:
             rows.append(v)
         if missing:
             self.missing = missing
-            warnings.warn(f"{self.path}: no vector for {len(missing)} word(s) {missing[:10]}; they get zeros (as in TRIDENT)")
+            warnings.warn(f"{self.path}: no vector for {len(missing)} word(s) {missing[:10]}; "
+                          "they get zeros (as in TRIDENT)")
         return torch.from_numpy(np.stack(rows).astype(np.float32)) if rows else torch.zeros(0, self.dim)
 
 # %% ../nbs/18_word_embeddings.ipynb #b3c9c230
@@ -119,7 +122,8 @@ class RandomEmbeddings:
     def __init__(self, dim: int = 16, seed: int = 0): self.dim, self.seed = dim, seed
     def embed(self, words: Sequence[str]) -> torch.Tensor:
         gen = lambda w: torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(w.encode()))
-        return torch.stack([torch.randn(self.dim, generator=gen(w)) for w in words]) if len(words) else torch.zeros(0, self.dim)
+        if not len(words): return torch.zeros(0, self.dim)
+        return torch.stack([torch.randn(self.dim, generator=gen(w)) for w in words])
 
 WORD_EMBEDDINGS = ("clip_text", "clip_text_eot", "clip_vocab", "random", "file:<path>")
 

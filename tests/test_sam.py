@@ -16,7 +16,8 @@ from czsl_nb.memory_bank import DynamicMemoryBank, entropy, lowest_entropy_slots
 from czsl_nb.sam import SAM, composed_probability
 from czsl_nb.sparse_alignment import relative_modality_gap, sparse_alignment, token_text_similarity
 
-SPACE = LabelSpace(["red", "wet", "old"], ["ball", "dog"], [("red", "ball"), ("wet", "dog"), ("old", "ball"), ("red", "dog")])
+SPACE = LabelSpace(["red", "wet", "old"], ["ball", "dog"],
+                   [("red", "ball"), ("wet", "dog"), ("old", "ball"), ("red", "dog")])
 ALL_PAIRS = SPACE.ids([(a, o) for a in SPACE.attrs for o in SPACE.objs])
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,8 @@ def trained():
     m = SAM(tiny_backbone(), SPACE)
     images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     pair = torch.arange(8) % 4
-    batch = {"image": images, "pair": pair, "attr": SPACE.seen_ids[pair, 0], "obj": SPACE.seen_ids[pair, 1], "index": torch.arange(8)}
+    batch = {"image": images, "pair": pair, "attr": SPACE.seen_ids[pair, 0], "obj": SPACE.seen_ids[pair, 1],
+             "index": torch.arange(8)}
     opt = torch.optim.SGD([p for g in m.param_groups(0.5) for p in g["params"]], lr=0.5)
     for stage in (1, 2):
         m.train(); m.stage = stage
@@ -37,7 +39,8 @@ def trained():
 
 def test_registered_with_paper_defaults():
     d = get_method("sam").defaults
-    assert (d["lora_rank"], d["lora_alpha"], d["vac_depth"], d["alpha"], d["beta"], d["gamma"], d["memory_slots"]) == (16, 32, 3, 0.5, 0.5, 1.0, 3)
+    got = (d["lora_rank"], d["lora_alpha"], d["vac_depth"], d["alpha"], d["beta"], d["gamma"], d["memory_slots"])
+    assert got == (16, 32, 3, 0.5, 0.5, 1.0, 3)
     assert (d["selection"], d["memory"], d["kl_direction"], d["memory_temperature"]) == \
         ("max", "dynamic", "vac||sa", 0.1)
     assert (d["sa_tokens"], d["sa_global_weight"]) == ("patches", 0.0)
@@ -93,7 +96,8 @@ def test_memory_update_replaces_only_the_highest_entropy_slot():
     h = torch.tensor([[0.5, 1.2, 0.9], [0.1, 0.2, 0.3], [2.0, 2.0, 2.0], [math.inf, math.inf, math.inf]])
     every_filled = torch.ones(4, 3, dtype=torch.bool)
     bank = DynamicMemoryBank.from_text(torch.randn(4, 8), 3, slots.clone(), h.clone(), every_filled)
-    for trial in range(40):  # random offers: after each, at most one slot changed: argmax entropy of the predicted class
+    # random offers: after each, at most one slot changed: argmax entropy of the predicted class
+    for trial in range(40):
         probs = torch.softmax(torch.randn(4) * (trial % 5), -1)
         before_s, before_h = bank.dense()
         c, new_h = int(probs.argmax()), float(entropy(probs))
@@ -228,7 +232,8 @@ def test_ablation_switches():
 
 def _images_batch():
     pair = torch.arange(4)
-    return {"image": torch.rand(4, 3, 32, 32), "pair": pair, "attr": SPACE.seen_ids[:, 0], "obj": SPACE.seen_ids[:, 1], "index": pair}
+    return {"image": torch.rand(4, 3, 32, 32), "pair": pair, "attr": SPACE.seen_ids[:, 0], "obj": SPACE.seen_ids[:, 1],
+            "index": pair}
 
 def test_relative_modality_gap_shrinks_as_images_move_to_text():
     text = F.normalize(torch.randn(30, 16), dim=-1)
@@ -242,19 +247,22 @@ def _context(run_dir, seed):
     return FitContext(TrainConfig(seed=seed, backbone="tiny"), run_dir, None, None, None, None, None)
 
 def test_init_from_loads_a_run_and_checks_its_parameters(trained, tmp_path):
-    "Evaluation-only runs (other memory modes) start from another run's best checkpoint; training parameters must match."
+    ("Evaluation-only runs (other memory modes) start from another run's best checkpoint; "
+     "training parameters must match.")
     import yaml
     m, tokens, _ = trained
     source = tmp_path / "sam-full-s3"; source.mkdir()
     torch.save(m.trainable_state_dict(), source / "checkpoint_best.pt")
-    params = {"method": "sam", "dataset": "synthetic", "backbone": "tiny", "pretrained": "", "method_params": dict(m.hparams)}
+    params = {"method": "sam", "dataset": "synthetic", "backbone": "tiny", "pretrained": "",
+              "method_params": dict(m.hparams)}
     (source / "params.yaml").write_text(yaml.safe_dump(params))
     learner = _context(tmp_path / "sam-kl-s3", seed=3)
     fresh = SAM(tiny_backbone(), SPACE, memory="seen_only", init_from="sam-full-s{seed}")
     fresh.on_fit_start(learner); fresh.eval()
     text = m.prompts(m.backbone, ALL_PAIRS)
     assert torch.allclose(fresh.prompts(fresh.backbone, ALL_PAIRS)["pair"], text["pair"], atol=1e-6)
-    assert torch.allclose(fresh.image_features(torch.ones(1, 3, 32, 32)), m.image_features(torch.ones(1, 3, 32, 32)), atol=1e-6)
+    ones = torch.ones(1, 3, 32, 32)
+    assert torch.allclose(fresh.image_features(ones), m.image_features(ones), atol=1e-6)
     assert not bool(fresh.memory_built)  # the bank is rebuilt for this run's own mode
     with pytest.raises(ValueError, match="differs"):
         SAM(tiny_backbone(), SPACE, alpha=0.3, init_from="sam-full-s{seed}").on_fit_start(learner)
@@ -264,12 +272,13 @@ def test_vac_only_continues_a_stage1_run(trained, tmp_path):
     import yaml
     torch.manual_seed(0)
     sa = SAM(tiny_backbone(), SPACE, use_vac=False, use_kl=False, memory="none")
-    sa.load_trainable_state_dict({k: v for k, v in trained[0].trainable_state_dict().items() if not k.startswith(("vac.", "memory_"))}
+    sa.load_trainable_state_dict({k: v for k, v in trained[0].trainable_state_dict().items()
+                                  if not k.startswith(("vac.", "memory_"))}
                                  | {k: v for k, v in sa.state_dict().items() if k.startswith("memory_")})
     source = tmp_path / "sam-sa-s0"; source.mkdir()
     torch.save(sa.trainable_state_dict(), source / "checkpoint_best.pt")
-    (source / "params.yaml").write_text(yaml.safe_dump({"method": "sam", "dataset": "synthetic", "backbone": "tiny", "pretrained": "",
-                                                        "method_params": dict(sa.hparams)}))
+    (source / "params.yaml").write_text(yaml.safe_dump({"method": "sam", "dataset": "synthetic", "backbone": "tiny",
+                                                        "pretrained": "", "method_params": dict(sa.hparams)}))
     learner = _context(tmp_path / "sam-full-s0", seed=0)
     m = SAM(tiny_backbone(), SPACE, schedule="vac_only", init_from="sam-sa-s{seed}")
     vac_before = {k: v.clone() for k, v in m.state_dict().items() if k.startswith("vac.")}
@@ -286,8 +295,8 @@ def test_evaluation_run_keeps_the_trained_vac(trained, tmp_path):
     full.load_trainable_state_dict(m.trainable_state_dict())
     source = tmp_path / "sam-full-s1"; source.mkdir()
     torch.save(full.trainable_state_dict(), source / "checkpoint_best.pt")
-    (source / "params.yaml").write_text(yaml.safe_dump({"method": "sam", "dataset": "synthetic", "backbone": "tiny", "pretrained": "",
-                                                        "method_params": dict(full.hparams)}))
+    (source / "params.yaml").write_text(yaml.safe_dump({"method": "sam", "dataset": "synthetic", "backbone": "tiny",
+                                                        "pretrained": "", "method_params": dict(full.hparams)}))
     learner = _context(tmp_path / "sam-kl-s1", seed=1)
     kl = SAM(tiny_backbone(), SPACE, schedule="vac_only", init_from="sam-full-s{seed}", memory="none")
     kl.on_fit_start(learner)

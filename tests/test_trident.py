@@ -8,7 +8,7 @@ import czsl_nb.all  # noqa: F401
 from czsl_nb.backbone import tiny_backbone
 from czsl_nb.core import cache_dir
 from czsl_nb.data import make_toy_dataset
-from czsl_nb.learner import Learner, PartnerSplit, TrainConfig, FeatureSplit, launch, prepare_run_dir, run_params
+from czsl_nb.learner import Learner, PartnerSplit, TrainConfig, FeatureSplit, prepare_run_dir, run_params
 from czsl_nb.methods import LabelSpace
 from czsl_nb.smoothing import (ClipNeighbourAux, JsonlAuxFile, aux_index_table, smoothed_cross_entropy,
                                smoothed_targets, write_llm_prompts)
@@ -17,7 +17,8 @@ from czsl_nb.trident import Trident
 from czsl_nb.trident_features import pooled_from_hidden
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*marked NA")
-SPACE = LabelSpace(["red", "wet", "old"], ["ball", "dog"], [("red", "ball"), ("wet", "dog"), ("old", "ball"), ("red", "dog")])
+SPACE = LabelSpace(["red", "wet", "old"], ["ball", "dog"],
+                   [("red", "ball"), ("wet", "dog"), ("old", "ball"), ("red", "dog")])
 SMALL = dict(local_features=3, global_features=2, emb_dim=16)
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,8 @@ def bb(): return tiny_backbone()
 @pytest.mark.parametrize("seed", range(3))
 def test_alpha_zero_is_cross_entropy_and_targets_sum_to_one(seed):
     g = torch.Generator().manual_seed(seed)
-    logits, target, aux = torch.randn(16, 9, generator=g) * 5, torch.randint(9, (16,), generator=g), torch.randint(9, (16, 3), generator=g)
+    logits = torch.randn(16, 9, generator=g) * 5
+    target, aux = torch.randint(9, (16,), generator=g), torch.randint(9, (16, 3), generator=g)
     assert torch.allclose(smoothed_cross_entropy(logits, target, aux, 0.0), F.cross_entropy(logits, target), atol=1e-6)
     for alpha in (0.0, 0.03, 0.09, 0.5, 1.0):
         q = smoothed_targets(target, aux, 9, alpha)
@@ -36,7 +38,8 @@ def test_alpha_zero_is_cross_entropy_and_targets_sum_to_one(seed):
     # the soft-target CE moves toward the auxiliary classes: raising an auxiliary logit lowers the loss when alpha > 0
     bumped = logits.clone(); bumped[torch.arange(16), aux[:, 0]] += 1.0
     same = aux[:, 0] == target
-    lower = smoothed_cross_entropy(bumped, target, aux, 0.5, "none") < smoothed_cross_entropy(logits, target, aux, 0.5, "none")
+    lower = (smoothed_cross_entropy(bumped, target, aux, 0.5, "none")
+             < smoothed_cross_entropy(logits, target, aux, 0.5, "none"))
     assert lower[~same].float().mean() > 0.5
 
 def test_alpha_out_of_range_is_an_error():
@@ -88,7 +91,8 @@ def _check_partners(item, labels):
     i = item["index"]
     for key, other in (("attr", "obj"), ("obj", "attr")):
         partner, mask = item[f"{key}_partner"], float(item[f"{key}_partner_mask"])
-        exists = any(labels[key][j] == labels[key][i] and labels[other][j] != labels[other][i] for j in range(len(labels[key])))
+        exists = any(labels[key][j] == labels[key][i] and labels[other][j] != labels[other][i]
+                     for j in range(len(labels[key])))
         assert mask == float(exists)
         if exists:
             assert partner[key] == item[key] and partner[other] != item[other] and partner["index"] != i
@@ -130,11 +134,14 @@ def _batch(model, n=6, masks=None):
     images = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     pair = torch.arange(n) % len(SPACE.seen_pairs)
     ids = SPACE.seen_ids[pair]
-    batch = {"features": model.image_features(images), "attr": ids[:, 0], "obj": ids[:, 1], "pair": pair, "index": torch.arange(n)}
+    batch = {"features": model.image_features(images), "attr": ids[:, 0], "obj": ids[:, 1], "pair": pair,
+             "index": torch.arange(n)}
     for key, (same, other) in {"attr": (0, 1), "obj": (1, 0)}.items():
-        partner = [next((j for j in range(n) if ids[j, same] == ids[i, same] and ids[j, other] != ids[i, other]), i) for i in range(n)]
+        partner = [next((j for j in range(n) if ids[j, same] == ids[i, same] and ids[j, other] != ids[i, other]), i)
+                   for i in range(n)]
         batch[f"{key}_partner"] = {k: v[partner] for k, v in batch.items() if not k.endswith("partner")}
-        batch[f"{key}_partner_mask"] = torch.tensor([float(j != i) for i, j in enumerate(partner)]) if masks is None else masks
+        batch[f"{key}_partner_mask"] = (torch.tensor([float(j != i) for i, j in enumerate(partner)])
+                                        if masks is None else masks)
     return batch
 
 def test_smoothing_reads_the_auxiliary_table_only_when_alpha_is_positive(bb):
