@@ -32,5 +32,6 @@ class CLIPZeroShot(CZSLMethod):
 
     @torch.no_grad()
     def scorer(self, pair_ids: torch.Tensor):
-        text = encode_prompts(self.backbone, pair_prompts(self.space.names(pair_ids), self.hparams["template"]))
+        prompts = pair_prompts(self.space.names(pair_ids), self.hparams["template"])
+        text = encode_prompts(self.backbone, prompts, self.pair_chunk_size)  # [P, D], kept for every image batch
         return lambda features: self.backbone.logits(features, text)

@@ -35,16 +35,18 @@ class CSP(CZSLMethod):
         self.register_buffer("seen_ids", space.seen_ids, persistent=False)
 
     def pair_text_features(self, pair_ids: torch.Tensor) -> torch.Tensor:
-        "[P, D] text features of the soft prompts of `pair_ids` (vocabulary dropout applies in training)."
-        attr_vec, obj_vec = self.vocab(pair_ids[:, 0], pair_ids[:, 1])
-        ids, emb = self.template.embed(self.backbone, [attr_vec, obj_vec])
-        return self.backbone.encode_text_embeddings(ids, emb)
+        "[P, D] text features of the soft prompts of `pair_ids`, `pair_chunk_size` prompts at a time."
+        attrs, objs = self.vocab.primitives()  # one dropout draw (training) shared by every chunk
+        def encode(chunk: torch.Tensor) -> torch.Tensor:
+            ids, emb = self.template.embed(self.backbone, [attrs[chunk[:, 0]], objs[chunk[:, 1]]])
+            return self.backbone.encode_text_embeddings(ids, emb)
+        return torch.cat([encode(chunk) for chunk in pair_ids.split(self.pair_chunk_size)])
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         logits = self.backbone.logits(batch["features"], self.pair_text_features(self.seen_ids))
         return {"pair_loss": F.cross_entropy(logits, batch["pair"])}
 
     @torch.no_grad()
-    def scorer(self, pair_ids: torch.Tensor, chunk_size: int = 1024):
-        text = torch.cat([self.pair_text_features(pair_ids[i:i + chunk_size]) for i in range(0, len(pair_ids), chunk_size)])
+    def scorer(self, pair_ids: torch.Tensor):
+        text = self.pair_text_features(pair_ids)  # [P, D], kept for every image batch
         return lambda features: self.backbone.logits(features, text)

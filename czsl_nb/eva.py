@@ -55,14 +55,22 @@ class EVAParams(Params):
     lora_alpha: float = hparam(16.0, "LoRA scale: an expert adds (lora_alpha / r) B A h (ours)", range="(0, inf)")
     moe_layers: int = hparam(0, "experts in the last n blocks of each tower; 0 = every block (paper)", range="[0, inf)")
     balance_weight: float = hparam(0.0, "w of the load-balancing loss w L_bal; 0 = off (paper: off)", range="[0, inf)")
+    isolation_weight: float = hparam(0.0, "w_iso, weight of the semantic-isolation loss L_iso (our formula; "
+                                          "paper: off, 0)", range="[0, inf)")
     lambda_primitive: float = hparam(1.0, "λ1, weight of L_s + L_o, text-to-image alignment (ours)", range="[0, inf)")
-    lambda_variant: float = hparam(0.5, "λ2, weight of L^v_s + L^v_o, image-to-text alignment (ours)", range="[0, inf)")
-    alpha: float = hparam(1.0, "α, weight of the intra-modal affinity V f_c in A_S (ours)", range="[0, inf)")
+    lambda_variant: float = hparam(0.5, "λ2, weight of L^v_s + L^v_o, image-to-text alignment (ours; 0: off)",
+                                   range="[0, inf)")
+    primitive_max: Literal["cosine", "probability"] = hparam(
+        "cosine", "what τ_s max_o maxes for p_s: the cosines s_c (ours) or p_c (the paper note)")
+    alpha: float = hparam(1.0, "α, weight of the intra-modal affinity V f_c in A_S (ours; 0: cross-modal only)",
+                          range="[0, inf)")
     beta: float = hparam(0.5, "β, weight of p_s + p_o in the inference score (paper)", range="[0, inf)")
     ctx_init: str = hparam("a photo of", "initial words of the prompts' learnable contexts (paper's prompt)")
     attr_dropout: float = hparam(0.3, "dropout on the shared vocabulary θ_vocab (CSP's value)", range="[0, 1)")
 
     def check(self):
+        if self.isolation_weight > 0 and (not self.use_experts or self.n_shared + self.n_routed < 2):
+            raise ValueError("isolation_weight > 0 needs use_experts=True and n_shared + n_routed >= 2")
         if not self.use_experts: return
         if self.n_shared + self.n_routed == 0: raise ValueError("use_experts=True needs n_shared + n_routed >= 1")
         if self.n_routed and self.top_k > self.n_routed:
@@ -102,10 +110,15 @@ class EVA(CZSLMethod):
         self.cache_image_features = not self.image_adapted  # the engine may then encode every image once
         self.register_buffer("seen_ids", space.seen_ids, persistent=False)
 
+    @property
+    def uses_image_variants(self) -> bool:
+        "Whether training aligns image variants to text (the λ2 term)."
+        return self.hparams["use_variants"] and self.hparams["lambda_variant"] > 0
+
     # -- text side ----------------------------------------------------------------------------
-    def pair_text(self, pair_ids: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-        "[P, D] normalised composition prompts t_c."
-        return self.pair_prompt.encode_pairs(self.backbone, self.vocab, pair_ids, chunk_size)
+    def pair_text(self, pair_ids: torch.Tensor) -> torch.Tensor:
+        "[P, D] normalised composition prompts t_c, `pair_chunk_size` prompts at a time."
+        return self.pair_prompt.encode_pairs(self.backbone, self.vocab, pair_ids, self.pair_chunk_size)
 
     def primitive_text(self) -> tuple[torch.Tensor, torch.Tensor]:
         "Normalised state prompts t_s [|A|, D] and object prompts t_o [|O|, D]."
@@ -115,55 +128,68 @@ class EVA(CZSLMethod):
     @property
     def scale(self) -> torch.Tensor: return self.backbone.logit_scale.exp()
 
-    def primitive_logits(self, pair_cos: torch.Tensor, pair_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def primitive_logits(self, pair_cos: torch.Tensor, pair_ids: torch.Tensor,
+                         pair_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        "State and object logits τ max_o (...) from the cosines [B, P], or from p_c when `primitive_max='probability'`."
+        if self.hparams["primitive_max"] == "probability":
+            pair_cos = F.softmax(self.scale * pair_cos, dim=-1) if pair_probs is None else pair_probs
         return primitive_logits(pair_cos, pair_ids, len(self.space.attrs), len(self.space.objs),
                                 self.log_tau_attr.exp(), self.log_tau_obj.exp())
 
     # -- image side ---------------------------------------------------------------------------
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        "[B, 1 + V, D]: the image feature f_c, then (training with variant alignment) the V expert variants."
-        if self.image_adapted and self.training and self.hparams["use_variants"]:
+        "[B, 1 + V, D]: the image feature f_c, then (training with image-to-text alignment) the V expert variants."
+        if self.image_adapted and self.training and self.uses_image_variants:
             pooled, variants = self.adapter.image_variants(images)
             return torch.cat([pooled[:, None], variants], dim=1)
         return self.backbone.encode_image(images)[:, None]
 
     # -- training -----------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        weight = self.hparams["balance_weight"]
-        if self.adapter is None or weight <= 0: return super().forward(batch)
-        with self.adapter.tracking_balance() as terms:  # image and text forwards both route
+        weights = {"balance": self.hparams["balance_weight"], "isolation": self.hparams["isolation_weight"]}
+        kinds = [k for k, w in weights.items() if w > 0] if self.adapter is not None else []
+        if not kinds: return super().forward(batch)
+        with self.adapter.tracking(*kinds) as tracked:  # image and text forwards both route
             out = super().forward(batch)
-        return {**out, "balance_loss": weight * torch.stack(terms).mean()} if terms else out
+        return {**out, **{f"{k}_loss": weights[k] * torch.stack(terms).mean() for k, terms in tracked.items() if terms}}
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         hp = self.hparams
-        feats = F.normalize(self.batch_features(batch), dim=-1)
+        feats = F.normalize(self.batch_features(batch).float(), dim=-1)
         image = feats[:, 0]
         pair_cos = image @ self.pair_text(self.seen_ids).T
         terms = {"pair_loss": F.cross_entropy(self.scale * pair_cos, batch["pair"])}
         if not hp["use_variants"]: return terms
-        attr_logits, obj_logits = self.primitive_logits(pair_cos, self.seen_ids)
-        terms["primitive_loss"] = hp["lambda_primitive"] * (F.cross_entropy(attr_logits, batch["attr"]) +
-                                                            F.cross_entropy(obj_logits, batch["obj"]))
-        variants = feats[:, 1:] if feats.shape[1] > 1 else feats[:, :1]
-        attr_text, obj_text = self.primitive_text()
-        f_s = select_variants(variants, attr_text[batch["attr"]], image, hp["alpha"])
-        f_o = select_variants(variants, obj_text[batch["obj"]], image, hp["alpha"])
-        terms["variant_loss"] = hp["lambda_variant"] * (F.cross_entropy(self.scale * f_s @ attr_text.T, batch["attr"]) +
-                                                        F.cross_entropy(self.scale * f_o @ obj_text.T, batch["obj"]))
+        if hp["lambda_primitive"] > 0:
+            attr_logits, obj_logits = self.primitive_logits(pair_cos, self.seen_ids)
+            terms["primitive_loss"] = hp["lambda_primitive"] * (F.cross_entropy(attr_logits, batch["attr"]) +
+                                                                F.cross_entropy(obj_logits, batch["obj"]))
+        if self.uses_image_variants:
+            variants = feats[:, 1:] if feats.shape[1] > 1 else feats[:, :1]
+            attr_text, obj_text = self.primitive_text()
+            f_s = select_variants(variants, attr_text[batch["attr"]], image, hp["alpha"])
+            f_o = select_variants(variants, obj_text[batch["obj"]], image, hp["alpha"])
+            variant_ce = (F.cross_entropy(self.scale * f_s @ attr_text.T, batch["attr"]) +
+                          F.cross_entropy(self.scale * f_o @ obj_text.T, batch["obj"]))
+            terms["variant_loss"] = hp["lambda_variant"] * variant_ce
         return terms
 
     # -- inference ----------------------------------------------------------------------------
     @torch.no_grad()
     def scorer(self, pair_ids: torch.Tensor):
-        text = self.pair_text(pair_ids)
+        text = self.pair_text(pair_ids)  # [P, D], kept for every image batch
+        beta = self.hparams["beta"] if self.hparams["use_variants"] else 0.0
+        by_cosine = self.hparams["primitive_max"] == "cosine"
         def score(features: torch.Tensor) -> torch.Tensor:
-            image = F.normalize(features[:, 0] if features.ndim == 3 else features, dim=-1)
-            pair_cos = image @ text.T
-            probs = F.softmax(self.scale * pair_cos, dim=-1)
-            if self.hparams["use_variants"] and self.hparams["beta"]:
-                attr_logits, obj_logits = self.primitive_logits(pair_cos, pair_ids)
-                probs = probs + self.hparams["beta"] * (F.softmax(attr_logits, -1)[:, pair_ids[:, 0]] +
-                                                        F.softmax(obj_logits, -1)[:, pair_ids[:, 1]])
-            return probs.float()
-        return score
+            image = F.normalize((features[:, 0] if features.ndim == 3 else features).float(), dim=-1)
+            pair_cos = image @ text.T  # [B, P]; scaled in place below, so at most two [B, P] matrices exist
+            if beta and by_cosine: attr_logits, obj_logits = self.primitive_logits(pair_cos, pair_ids)
+            probs = F.softmax(pair_cos.mul_(self.scale), dim=-1)
+            del pair_cos
+            if not beta: return probs
+            if not by_cosine: attr_logits, obj_logits = self.primitive_logits(probs, pair_ids, pair_probs=probs)
+            p_attr, p_obj = F.softmax(attr_logits, -1), F.softmax(obj_logits, -1)
+            for ids, part in zip(pair_ids.split(self.pair_chunk_size), probs.split(self.pair_chunk_size, dim=1)):
+                part += beta * (p_attr[:, ids[:, 0]] + p_obj[:, ids[:, 1]])  # in place: no further [B, P] matrix
+            return probs
+        return torch.no_grad()(score)

@@ -43,16 +43,16 @@ class SeparatedPrompts(nn.Module):
             self.register_buffer("cached_pairs", cache_pairs.clone() if cached else None, persistent=False)
             self.register_buffer("hard_pair", self._hard_pairs(backbone, cache_pairs) if cached else None, persistent=False)
 
-    def _hard_pairs(self, backbone: CLIPBackbone, pair_ids: torch.Tensor) -> torch.Tensor:
+    def _hard_pairs(self, backbone: CLIPBackbone, pair_ids: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
         texts = [f"{self.context} {self.attr_words[a]} {self.obj_words[o]}" for a, o in pair_ids.tolist()]
-        with torch.no_grad(): return encode_prompts(backbone, texts)
+        with torch.no_grad(): return encode_prompts(backbone, texts, chunk_size)
 
-    def pair_features(self, backbone: CLIPBackbone, pair_ids: torch.Tensor) -> torch.Tensor:
-        "[P, D] pair prompt features of `pair_ids` [P, 2]."
+    def pair_features(self, backbone: CLIPBackbone, pair_ids: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+        "[P, D] pair prompt features of `pair_ids` [P, 2], encoded `chunk_size` prompts at a time."
         if self.kinds["pair"] == "hard":
             if self.hard_pair is not None and torch.equal(pair_ids, self.cached_pairs): return self.hard_pair
-            return self._hard_pairs(backbone, pair_ids)
-        return self.soft["pair"].encode_pairs(backbone, self.vocab, pair_ids)
+            return self._hard_pairs(backbone, pair_ids, chunk_size)
+        return self.soft["pair"].encode_pairs(backbone, self.vocab, pair_ids, chunk_size)
 
     def primitive_features(self, backbone: CLIPBackbone) -> tuple[torch.Tensor, torch.Tensor]:
         "State features [A, D] of every attribute and object features [O, D] of every object."

@@ -13,7 +13,8 @@ from torch import nn
 from .backbone import CLIPBackbone
 
 # %% auto #0
-__all__ = ['TOWERS', 'LoRAExperts', 'MoELoRA', 'switch_balance_loss', 'MoEMLP', 'MoELoRAAdapter', 'add_moe_lora']
+__all__ = ['AUX_LOSSES', 'TOWERS', 'LoRAExperts', 'MoELoRA', 'switch_balance_loss', 'expert_isolation_loss', 'MoEMLP',
+           'MoELoRAAdapter', 'add_moe_lora']
 
 # %% ../nbs/11_moe_lora.ipynb #28e279ce
 class LoRAExperts(nn.Module):
@@ -32,16 +33,22 @@ class LoRAExperts(nn.Module):
                 h: torch.Tensor,  # [..., d_in]
                 weights: torch.Tensor | None = None,  # [..., N] per-token expert weights; None = plain sum
                ) -> torch.Tensor:  # [..., d_out] sum_i w_i E_i(h)
-        codes = torch.einsum("...d,nrd->...nr", h, self.A)
+        codes = self.codes(h)
         if weights is not None: codes = codes * weights[..., None]
         up = self.B.permute(0, 2, 1).reshape(-1, self.B.shape[1])  # [N*r, d_out], expert-major like codes
         return codes.flatten(-2) @ up
 
+    def codes(self, h: torch.Tensor) -> torch.Tensor:
+        "[..., N, r]: every expert's down-projection A_i h."
+        return torch.einsum("...d,nrd->...nr", h, self.A)
+
     def each(self, h: torch.Tensor) -> torch.Tensor:
         "[..., N, d_out]: every expert's output E_i(h) separately."
-        return torch.einsum("...nr,nor->...no", torch.einsum("...d,nrd->...nr", h, self.A), self.B)
+        return torch.einsum("...nr,nor->...no", self.codes(h), self.B)
 
 # %% ../nbs/11_moe_lora.ipynb #3427cdc9
+AUX_LOSSES = ("balance", "isolation")
+
 class MoELoRA(nn.Module):
     "Shared LoRA experts (always on) plus routed LoRA experts with top-K softmax gating, scaled by alpha/rank."
     def __init__(self,
@@ -61,7 +68,7 @@ class MoELoRA(nn.Module):
         self.routed = LoRAExperts(n_routed, d_in, d_out, rank) if n_routed else None
         self.router = nn.Linear(d_in, n_routed, bias=False) if n_routed else None
         if self.router is not None: nn.init.normal_(self.router.weight, std=0.02)
-        self.balance_terms: list | None = None  # a list while an adapter tracks the load-balancing loss
+        self.tracked: dict[str, list] | None = None  # while an adapter tracks auxiliary losses: name -> terms
 
     @property
     def n_shared(self) -> int: return self.shared.n_experts if self.shared is not None else 0
@@ -77,11 +84,14 @@ class MoELoRA(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         "s * (sum of shared experts + sum_i G_i E_i) of h [..., d_in]."
+        tracked = self.tracked or {}
         out = self.shared(h) if self.shared is not None else 0.0
         if self.routed is not None:
             gates, probs = self.gates(h)
             out = out + self.routed(h, gates)
-            if self.balance_terms is not None: self.balance_terms.append(switch_balance_loss(gates, probs, self.top_k))
+            if "balance" in tracked: tracked["balance"].append(switch_balance_loss(gates, probs, self.top_k))
+        if "isolation" in tracked and self.n_shared + self.n_routed > 1:
+            tracked["isolation"].append(self.isolation_loss(h))
         return self.scale * out
 
     def expert_outputs(self, h: torch.Tensor) -> torch.Tensor:
@@ -89,11 +99,29 @@ class MoELoRA(nn.Module):
         parts = [e.each(h) for e in (self.shared, self.routed) if e is not None]
         return self.scale * torch.cat(parts, dim=-2)
 
+    def isolation_loss(self, h: torch.Tensor) -> torch.Tensor:
+        "L_iso of the tokens h [..., d_in]: mean squared cosine between different experts' outputs (shared first)."
+        experts = [e for e in (self.shared, self.routed) if e is not None]
+        codes = torch.cat([e.codes(h) for e in experts], dim=-2)
+        return expert_isolation_loss(codes, torch.cat([e.B for e in experts]))
+
 def switch_balance_loss(gates: torch.Tensor, probs: torch.Tensor, top_k: int) -> torch.Tensor:
     "N_e * sum_i f_i P_i over all tokens (1 when balanced); f from the (non-differentiable) top-K choice."
     n = gates.shape[-1]
     chosen = (gates.reshape(-1, n) > 0).float()
     return n * (chosen.mean(0) / top_k * probs.reshape(-1, n).mean(0)).sum()
+
+def expert_isolation_loss(codes: torch.Tensor,  # [..., N, r] every expert's code c_i = A_i h, per token
+                          up: torch.Tensor,  # [N, d_out, r] the experts' B_i
+                          eps: float = 1e-24) -> torch.Tensor:
+    "Mean over tokens and ordered expert pairs i != j of cos^2(B_i c_i, B_j c_j), without the [..., N, d_out] outputs."
+    n = codes.shape[-2]
+    if n < 2: raise ValueError("semantic isolation needs at least two experts")
+    codes, up = codes.reshape(-1, n, codes.shape[-1]).float(), up.float()  # float32: squared norms underflow in fp16
+    gram = torch.einsum("tir,ijrs,tjs->tij", codes, torch.einsum("ior,jos->ijrs", up, up), codes)  # <E_i h, E_j h>
+    norms = gram.diagonal(dim1=-2, dim2=-1)
+    cos2 = gram.square() / (norms[:, :, None] * norms[:, None, :]).clamp_min(eps)  # B = 0: 0, not 0/0
+    return cos2[:, ~torch.eye(n, dtype=torch.bool, device=codes.device)].mean()
 
 # %% ../nbs/11_moe_lora.ipynb #c968115f
 class MoEMLP(nn.Module):
@@ -133,13 +161,20 @@ class MoELoRAAdapter:
     def parameters(self) -> list[nn.Parameter]: return [p for m in self.moes for p in m.parameters()]
 
     @contextmanager
-    def tracking_balance(self):
-        "Within the block, every routed forward appends its load-balancing loss to the yielded list."
-        terms: list[torch.Tensor] = []
-        for m in self.moes: m.balance_terms = terms
+    def tracking(self, *kinds: str):
+        "Within the block, every MoE-LoRA forward appends its auxiliary losses of `kinds` to the yielded dict of lists."
+        unknown = [k for k in kinds if k not in AUX_LOSSES]
+        if unknown: raise ValueError(f"unknown auxiliary loss(es) {unknown}; choose from {AUX_LOSSES}")
+        terms: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
+        for m in self.moes: m.tracked = terms
         try: yield terms
         finally:
-            for m in self.moes: m.balance_terms = None
+            for m in self.moes: m.tracked = None
+
+    @contextmanager
+    def tracking_balance(self):
+        "Within the block, every routed forward appends its load-balancing loss to the yielded list."
+        with self.tracking("balance") as terms: yield terms["balance"]
 
     def image_variants(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "The image features [B, D] and the per-expert variants [B, n_shared + n_routed, D] (unnormalised)."

@@ -96,7 +96,8 @@ class ContextPrompt(nn.Module):
 
     def encode_pairs(self, backbone: CLIPBackbone, vocab: PrimitiveVocabulary, pair_ids: torch.Tensor,
                      chunk_size: int = 1024) -> torch.Tensor:
-        "[P, D] features of this two-slot prompt filled with `vocab`'s attribute and object vectors of `pair_ids` [P, 2]."
+        "[P, D] features of this two-slot prompt with `vocab`'s vectors of `pair_ids` [P, 2], `chunk_size` at a time."
         if self.n_slots != 2: raise ValueError(f"encode_pairs needs a two-slot prompt, this one has {self.n_slots}")
         if not len(pair_ids): return torch.zeros(0, backbone.embed_dim, device=pair_ids.device)
-        return torch.cat([self(backbone, list(vocab(ids[:, 0], ids[:, 1]))) for ids in pair_ids.split(chunk_size)])
+        attrs, objs = vocab.primitives()  # one dropout draw for all chunks: chunking must not change a training step
+        return torch.cat([self(backbone, [attrs[ids[:, 0]], objs[ids[:, 1]]]) for ids in pair_ids.split(chunk_size)])

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from .core import register
 from .methods import CZSLMethod, Params, composed_probability, hparam
 from .fusion import FUSION_ORDERS, PROMPT_KINDS, ModalFusionSynthesizer, SeparatedPrompts
@@ -40,6 +41,7 @@ class SepFusion(CZSLMethod):
     "Separated hard/soft pair, state and object prompts, fused with the image tokens by the MFSB (frozen CLIP)."
     Params = SepFusionParams
     cache_image_features = True
+    fusion_images: int = 32  # pair fusion works on at most fusion_images * pair_chunk_size (image, pair) rows at once
 
     def __init__(self, backbone, space, **hparams):
         super().__init__(backbone, space, **hparams)
@@ -62,20 +64,42 @@ class SepFusion(CZSLMethod):
         scale = self.backbone.logit_scale.float().exp()
         return scale * torch.einsum("bd,bnd->bn", F.normalize(image, dim=-1), F.normalize(text, dim=-1))
 
-    def all_logits(self, tokens: torch.Tensor, pair_ids: torch.Tensor, chunk_size: int | None = None):
+    def image_block(self, n_pairs: int) -> int:
+        "How many images are fused with a chunk of `n_pairs` compositions at once."
+        return max(1, self.fusion_images * self.pair_chunk_size // max(1, n_pairs))
+
+    def all_logits(self, tokens: torch.Tensor, pair_ids: torch.Tensor):
         "$z^{pair}$ [B, P] of `pair_ids`, $z^s$ [B, A] and $z^o$ [B, O] of image tokens [B, 1+L, D]."
         fused = self.fusion(tokens, *self.prompts.primitive_features(self.backbone))
-        z_pair = self._pair_logits(tokens, fused.image, self.prompts.pair_features(self.backbone, pair_ids), chunk_size)
+        pair_text = self.prompts.pair_features(self.backbone, pair_ids, self.pair_chunk_size)
+        z_pair = self._pair_logits(tokens, fused.image, pair_text)
         return z_pair, self._logits(fused.image, fused.state), self._logits(fused.image, fused.object)
 
-    def _pair_logits(self, tokens: torch.Tensor, image: torch.Tensor, pair_text: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-        "[B, P] logits of the fused image [B, D] against pair features [P, D] fused with each image's tokens, `chunk_size` pairs at a time."
-        chunk_size = chunk_size or max(len(pair_text), 1)
-        return torch.cat([self._logits(image, self.fusion.fuse_pair(tokens, text)) for text in pair_text.split(chunk_size)], dim=1)
+    def _fused_pair_logits(self, tokens: torch.Tensor, image: torch.Tensor, pair_text: torch.Tensor) -> torch.Tensor:
+        "[b, c] logits of fused images [b, D] against pair features [c, D] fused with each image's tokens [b, 1+L, D]."
+        return self._logits(image, self.fusion.fuse_pair(tokens, pair_text))
+
+    def _pair_logits(self, tokens: torch.Tensor, image: torch.Tensor, pair_text: torch.Tensor) -> torch.Tensor:
+        "[B, P] pair logits, `pair_chunk_size` pairs times `image_block` images at a time: no [B, P, D] tensor exists."
+        n_images, n_pairs = len(tokens), len(pair_text)
+        chunk = max(1, min(self.pair_chunk_size, n_pairs))
+        block = self.image_block(chunk)
+        if n_images <= block and n_pairs <= chunk: return self._fused_pair_logits(tokens, image, pair_text)
+        images, pairs = range(0, n_images, block), range(0, n_pairs, chunk)
+        if torch.is_grad_enabled():  # backward recomputes each step, so only one step's activations are alive at a time
+            step = lambda i, j: checkpoint(self._fused_pair_logits, tokens[i:i + block], image[i:i + block],
+                                           pair_text[j:j + chunk], use_reentrant=False)
+            return torch.cat([torch.cat([step(i, j) for i in images]) for j in pairs], dim=1)
+        out = torch.empty(n_images, n_pairs, device=tokens.device)
+        for j in pairs:
+            for i in images:
+                out[i:i + block, j:j + chunk] = self._fused_pair_logits(tokens[i:i + block], image[i:i + block],
+                                                                        pair_text[j:j + chunk])
+        return out
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         hp = self.hparams
-        z_pair, z_state, z_obj = self.all_logits(self.batch_features(batch), self.seen_ids)
+        z_pair, z_state, z_obj = self.all_logits(self.batch_features(batch).float(), self.seen_ids)
         terms = {"pair_loss": F.cross_entropy(z_pair, batch["pair"])}
         if hp["state_weight"]: terms["state_loss"] = hp["state_weight"] * F.cross_entropy(z_state, batch["attr"])
         if hp["object_weight"]: terms["object_loss"] = hp["object_weight"] * F.cross_entropy(z_obj, batch["obj"])
@@ -85,15 +109,27 @@ class SepFusion(CZSLMethod):
         return terms
 
     def combine(self, z_pair: torch.Tensor, z_state: torch.Tensor, z_obj: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
-        "[B, P] p_pair(a,o) + w p_s(a) p_o(o) over the candidate pairs `pair_ids`."
-        return composed_probability({"pair": z_pair, "attr": z_state, "obj": z_obj}, pair_ids, self.hparams["primitive_score_weight"])
+        "[B, P] p_pair(a,o) + w p_s(a) p_o(o) over the candidate pairs `pair_ids` (`composed_probability`)."
+        logits, w = {"pair": z_pair, "attr": z_state, "obj": z_obj}, self.hparams["primitive_score_weight"]
+        if torch.is_grad_enabled(): return composed_probability(logits, pair_ids, w)
+        out = z_pair.softmax(-1)  # scoring: the primitive term is added in place, a pair chunk at a time
+        p_attr, p_obj = z_state.softmax(-1), z_obj.softmax(-1)
+        for ids, part in zip(pair_ids.split(self.pair_chunk_size), out.split(self.pair_chunk_size, dim=1)):
+            part += w * p_attr[:, ids[:, 0]] * p_obj[:, ids[:, 1]]
+        return out
 
     @torch.no_grad()
-    def scorer(self, pair_ids: torch.Tensor, chunk_size: int = 1024):
-        pair_text = self.prompts.pair_features(self.backbone, pair_ids)  # encoded in chunks by the prompts
+    def scorer(self, pair_ids: torch.Tensor):
+        pair_text = self.prompts.pair_features(self.backbone, pair_ids, self.pair_chunk_size)  # [P, D], kept
         state, obj = self.prompts.primitive_features(self.backbone)
+        block = self.image_block(min(self.pair_chunk_size, len(pair_ids)))
         def score(tokens: torch.Tensor) -> torch.Tensor:
-            fused = self.fusion(tokens, state, obj)
-            z_pair = self._pair_logits(tokens, fused.image, pair_text, chunk_size)
-            return self.combine(z_pair, self._logits(fused.image, fused.state), self._logits(fused.image, fused.object), pair_ids).float()
+            out = torch.empty(len(tokens), len(pair_ids), device=tokens.device)
+            for i in range(0, len(tokens), block):  # per image block: its primitives' fusion, then its pair chunks
+                part = tokens[i:i + block].float()
+                fused = self.fusion(part, state, obj)
+                z_pair = self._pair_logits(part, fused.image, pair_text)
+                out[i:i + block] = self.combine(z_pair, self._logits(fused.image, fused.state),
+                                                self._logits(fused.image, fused.object), pair_ids)
+            return out
         return torch.no_grad()(score)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from czsl_nb.backbone import tiny_backbone
 from czsl_nb.eva import EVA, max_over_pairs, parse_towers, primitive_logits, select_variants
 from czsl_nb.methods import LabelSpace
-from czsl_nb.moe_lora import MoELoRA, MoEMLP, add_moe_lora, switch_balance_loss
+from czsl_nb.moe_lora import LoRAExperts, MoELoRA, MoEMLP, add_moe_lora, expert_isolation_loss, switch_balance_loss
 
 SPACE = LabelSpace(["red", "wet", "old"], ["ball", "dog"], [("red", "ball"), ("wet", "dog"), ("old", "ball"), ("red", "dog")])
 OPEN = SPACE.ids([(a, o) for a in SPACE.attrs for o in SPACE.objs])
@@ -121,6 +121,12 @@ def test_select_variants_uses_both_affinities():
     ({"n_shared": 0}, {"pair_loss", "primitive_loss", "variant_loss"}, False, 8),
     ({"n_shared": 2, "balance_weight": 0.01}, {"pair_loss", "primitive_loss", "variant_loss", "balance_loss"}, False, 10),
     ({"towers": "text"}, {"pair_loss", "primitive_loss", "variant_loss"}, True, 0),
+    ({"lambda_variant": 0}, {"pair_loss", "primitive_loss"}, False, 0),  # build-up: + text-to-image only
+    ({"alpha": 0}, {"pair_loss", "primitive_loss", "variant_loss"}, False, 9),  # + cross-modal affinity only
+    ({"isolation_weight": 0.01}, {"pair_loss", "primitive_loss", "variant_loss", "isolation_loss"}, False, 9),
+    ({"isolation_weight": 0.01, "balance_weight": 0.01},
+     {"pair_loss", "primitive_loss", "variant_loss", "isolation_loss", "balance_loss"}, False, 9),
+    ({"primitive_max": "probability"}, {"pair_loss", "primitive_loss", "variant_loss"}, False, 9),
 ])
 def test_ablation_switches(params, terms, cached, n_variants):
     torch.manual_seed(0)
@@ -141,3 +147,153 @@ def test_moe_layers_and_towers_parameters():
     assert parse_towers("text+image") == ("image", "text")
     with pytest.raises(ValueError, match="towers"): parse_towers("image+image")
     with pytest.raises(ValueError, match="top_k"): EVA(tiny_backbone(), SPACE, n_routed=2, top_k=3)
+
+# -- semantic isolation (issue 16) ------------------------------------------------------------------
+@pytest.mark.parametrize("n_shared,n_routed", [(1, 8), (0, 3), (2, 0)])
+def test_isolation_loss_is_the_brute_force_mean_squared_cosine_between_expert_outputs(n_shared, n_routed):
+    torch.manual_seed(0)
+    moe = MoELoRA(12, n_routed=n_routed, n_shared=n_shared, top_k=min(2, max(n_routed, 1)), rank=3)
+    for e in (moe.shared, moe.routed):
+        if e is not None: torch.nn.init.normal_(e.B)
+    h = torch.randn(4, 6, 12)
+    out = F.normalize(moe.expert_outputs(h), dim=-1)  # [4, 6, N, 12], the [T, N, d] the loss never builds
+    n = n_shared + n_routed
+    cos2 = (out @ out.transpose(-1, -2)).square()
+    brute_force = cos2[..., ~torch.eye(n, dtype=torch.bool)].mean()
+    torch.testing.assert_close(moe.isolation_loss(h), brute_force, atol=1e-5, rtol=1e-4)
+
+def test_isolation_loss_bounds_and_gradients():
+    torch.manual_seed(0)
+    experts = LoRAExperts(4, 10, 10, rank=2)
+    h = torch.randn(7, 10)
+    assert expert_isolation_loss(experts.codes(h), experts.B).item() == 0.0  # B = 0: untrained experts
+    loss_grad = torch.autograd.grad(expert_isolation_loss(experts.codes(h), experts.B), experts.B, allow_unused=True)[0]
+    assert loss_grad is None or loss_grad.abs().sum() == 0
+    with torch.no_grad():
+        experts.A[:] = experts.A[0]; experts.B[:] = torch.randn(10, 2)  # four copies of one expert
+    torch.testing.assert_close(expert_isolation_loss(experts.codes(h), experts.B), torch.tensor(1.0))
+    with torch.no_grad(): torch.nn.init.normal_(experts.B); torch.nn.init.normal_(experts.A)
+    loss = expert_isolation_loss(experts.codes(h), experts.B)
+    assert 0 < loss.item() < 1
+    loss.backward()
+    assert experts.A.grad.abs().sum() > 0 and experts.B.grad.abs().sum() > 0
+    half = expert_isolation_loss(experts.codes(h).half(), experts.B.half())  # computed in float32 whatever comes in
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+
+def test_eva_isolation_term_averages_the_adapted_blocks_and_needs_two_experts():
+    torch.manual_seed(0)
+    m = EVA(tiny_backbone(), SPACE, isolation_weight=0.5).train()
+    _randomise_B(m.adapter)
+    batch = _batch()
+    with m.adapter.tracking("isolation") as tracked:
+        torch.manual_seed(1); m.loss({**batch, "features": m.batch_features(batch)})
+    n_blocks = len(m.adapter.moes)
+    assert len(tracked["isolation"]) >= n_blocks  # the image forward and the text forwards (pairs, primitives)
+    torch.manual_seed(1)
+    out = m(batch)
+    torch.testing.assert_close(out["isolation_loss"], 0.5 * torch.stack(tracked["isolation"]).mean())
+    out["isolation_loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for moe in m.adapter.moes for e in (moe.shared, moe.routed)
+               for p in (e.A, e.B))
+    with pytest.raises(ValueError, match="isolation_weight > 0 needs use_experts=True"):
+        EVA(tiny_backbone(), SPACE, isolation_weight=0.1, use_experts=False)
+    with pytest.raises(ValueError, match="n_shared \\+ n_routed >= 2"):
+        EVA(tiny_backbone(), SPACE, isolation_weight=0.1, n_shared=1, n_routed=0)
+
+# -- the p_s choice (issue 16) -------------------------------------------------------------------------
+def test_p_s_over_probabilities_is_the_max_of_p_c_over_the_right_pairs():
+    torch.manual_seed(0)
+    m = EVA(tiny_backbone(), SPACE, primitive_max="probability").eval()
+    with torch.no_grad():
+        feats = m.image_features(IMAGES)
+        cos = F.normalize(feats[:, 0], dim=-1) @ m.pair_text(OPEN).T
+        p_c = F.softmax(m.scale * cos, -1)
+        a_logits, o_logits = m.primitive_logits(cos, OPEN)
+        for a in range(len(SPACE.attrs)):
+            torch.testing.assert_close(a_logits[:, a], m.log_tau_attr.exp() * p_c[:, OPEN[:, 0] == a].max(1).values)
+        for o in range(len(SPACE.objs)):
+            torch.testing.assert_close(o_logits[:, o], m.log_tau_obj.exp() * p_c[:, OPEN[:, 1] == o].max(1).values)
+        expected = p_c + 0.5 * (F.softmax(a_logits, -1)[:, OPEN[:, 0]] + F.softmax(o_logits, -1)[:, OPEN[:, 1]])
+        torch.testing.assert_close(m.scores(feats, OPEN), expected)
+        cosine = EVA(tiny_backbone(), SPACE).eval()
+        cosine.load_state_dict(m.state_dict())
+        assert not torch.allclose(cosine.scores(feats, OPEN), m.scores(feats, OPEN))
+    # in training, over the seen pairs: the loss's primitive term uses the same max of p_c over C_s
+    m.train(); m.vocab.dropout.p = 0.0
+    batch = _batch()
+    terms = m.loss({**batch, "features": m.image_features(IMAGES)})
+    feats = F.normalize(m.image_features(IMAGES).float(), dim=-1)
+    p_seen = F.softmax(m.scale * feats[:, 0] @ m.pair_text(SPACE.seen_ids).T, -1)
+    a_logits, o_logits = primitive_logits(p_seen, SPACE.seen_ids, 3, 2, m.log_tau_attr.exp(), m.log_tau_obj.exp())
+    expected = F.cross_entropy(a_logits, batch["attr"]) + F.cross_entropy(o_logits, batch["obj"])
+    torch.testing.assert_close(terms["primitive_loss"], expected)
+
+# -- the build-up rows (issue 16) ----------------------------------------------------------------------
+def test_text_to_image_only_keeps_beta_at_inference_and_skips_the_variants():
+    torch.manual_seed(0)
+    t2i = EVA(tiny_backbone(), SPACE, lambda_variant=0).train()
+    assert not t2i.uses_image_variants and t2i.image_features(IMAGES).shape == (5, 1, 32)
+    t2i.eval()
+    torch.manual_seed(0)
+    no_variants = EVA(tiny_backbone(), SPACE, use_variants=False).eval()
+    with torch.no_grad():
+        feats = t2i.image_features(IMAGES)
+        assert torch.allclose(no_variants.scores(feats, OPEN).sum(-1), torch.ones(5))  # p_c alone
+        assert (t2i.scores(feats, OPEN) - no_variants.scores(feats, OPEN)).min() > 0  # + β (p_s + p_o)
+
+# -- the pair axis in chunks (issue 14) ----------------------------------------------------------------
+def _text_batches(m):
+    sizes, encode = [], m.backbone.encode_text_embeddings
+    m.backbone.encode_text_embeddings = lambda ids, emb, **kw: (sizes.append(len(ids)), encode(ids, emb, **kw))[1]
+    return sizes
+
+def test_text_tower_sees_at_most_pair_chunk_size_prompts_and_chunks_change_nothing():
+    torch.manual_seed(0)
+    m = EVA(tiny_backbone(), SPACE).eval()
+    feats = m.image_features(IMAGES)
+    whole = m.scores(feats, OPEN)
+    m.pair_chunk_size = 4
+    sizes = _text_batches(m)
+    torch.testing.assert_close(m.scores(feats, OPEN), whole, atol=1e-6, rtol=1e-5)
+    assert sizes == [4, 2]
+    def step(chunk):  # a training step: same seed, same vocabulary dropout, whatever the chunk size
+        m.pair_chunk_size = chunk; m.train().zero_grad()
+        torch.manual_seed(3); loss = sum(m(_batch()).values()); loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    (loss_1, grads_1), (loss_all, grads_all) = step(1), step(10**9)
+    torch.testing.assert_close(loss_1, loss_all, atol=1e-5, rtol=1e-5)
+    assert grads_1.keys() == grads_all.keys()
+    for n in grads_1: torch.testing.assert_close(grads_1[n], grads_all[n], atol=1e-5, rtol=1e-4)
+
+# -- the ablation commands the notebook gives ---------------------------------------------------------
+def _notebook_commands():
+    import json, re, shlex
+    from pathlib import Path
+    nb = json.loads((Path(__file__).resolve().parents[1] / "nbs" / "23_eva.ipynb").read_text())
+    text = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    text = re.sub(r"\\\n\s*", " ", text)  # shell line continuations
+    lines = [line.strip() for line in text.splitlines()]
+    return [shlex.split(line) for line in lines if line.startswith("python tools/ablate.py --method eva")]
+
+def test_the_notebooks_ablation_commands_name_valid_variants():
+    "Every --variant of every ablate command in 23_eva parses and validates (names, values, constraints), unrun."
+    import importlib.util
+    from pathlib import Path
+    from czsl_nb.learner import TrainConfig, split_parameters
+    spec = importlib.util.spec_from_file_location("ablate", Path(__file__).resolve().parents[1] / "tools" / "ablate.py")
+    ablate = importlib.util.module_from_spec(spec); spec.loader.exec_module(ablate)
+    commands = _notebook_commands()
+    assert len(commands) >= 2, "the build-up and the auxiliary-loss tables each give their command"
+    names = set()
+    for argv in commands:
+        common = {}
+        for i, a in enumerate(argv):
+            if a == "--set": common.update(ablate.parse_assignments(argv[i + 1], "--set"))
+        variants = [ablate.parse_variant(argv[i + 1]) for i, a in enumerate(argv) if a == "--variant"]
+        assert variants
+        for name, params in variants:
+            run_values, method_params = split_parameters({**common, **params, "method": "eva"}, "eva")
+            TrainConfig(**{**run_values, "run": f"eva-{name}-s0"}).validate(method_params, probe_method=False)
+            names.add(name)
+    assert {"baseline", "experts_only", "variants_only", "full", "experts_t2i", "experts_t2i_cross", "isolation",
+            "balance", "ps_probability"} <= names

@@ -95,9 +95,11 @@ def test_shapes_closed_and_open_world(bb, tokens, kinds, fusion):
     for pairs in (SPACE.seen_ids, OPEN):
         s = m.scores(tokens, pairs)
         assert s.shape == (5, len(pairs)) and s.dtype == torch.float32 and torch.isfinite(s).all()
-        z_pair, z_s, z_o = m.all_logits(tokens, pairs, chunk_size=2)  # chunking the pairs changes nothing
+        m.pair_chunk_size = 2  # chunking the pairs changes nothing
+        with torch.no_grad(): z_pair, z_s, z_o = m.all_logits(tokens, pairs)
         assert (z_pair.shape, z_s.shape, z_o.shape) == ((5, len(pairs)), (5, 3), (5, 2))
-        torch.testing.assert_close(m.combine(z_pair, z_s, z_o, pairs), s, atol=1e-6, rtol=1e-5)
+        with torch.no_grad(): torch.testing.assert_close(m.combine(z_pair, z_s, z_o, pairs), s, atol=1e-6, rtol=1e-5)
+        m.pair_chunk_size = SepFusion.pair_chunk_size
     assert m.trainable == (kinds != ("hard", "hard", "hard") or fusion != "none")
 
 def test_soft_equals_hard_at_initialisation(bb, tokens):
@@ -123,3 +125,62 @@ def test_invalid_switches(bb):
     with pytest.raises(ValueError, match="object_prompt='learned': not a valid choice; valid: 'hard', 'soft'"):
         SepFusion(bb, SPACE, object_prompt="learned")
     with pytest.raises(ValueError, match="unknown prompt kind"): SeparatedPrompts(bb, SPACE.attrs, SPACE.objs, pair="fixed")
+
+# -- the pair axis in chunks (issue 14) ------------------------------------------------------------
+BIG = LabelSpace([f"a{i}" for i in range(6)], [f"o{i}" for i in range(5)],
+                 [(f"a{i}", f"o{(i + k) % 5}") for i in range(6) for k in range(2)])
+BIG_OPEN = BIG.ids([(a, o) for a in BIG.attrs for o in BIG.objs])
+
+def _recording(m):
+    "Wrap the method's per-image pair fusion: record (images, pairs) of every call."
+    calls, fuse = [], m.fusion.fuse_pair
+    m.fusion.fuse_pair = lambda tokens, pair: (calls.append((len(tokens), len(pair))), fuse(tokens, pair))[1]
+    return calls
+
+@pytest.mark.parametrize("pair_prompt", ["hard", "soft"])
+def test_pair_fusion_works_in_bounded_steps_with_the_same_scores(bb, pair_prompt):
+    "Scoring 30 open-world pairs for 7 images with chunks of 4 pairs and 12 rows: no step fuses more, scores unchanged."
+    images = torch.rand(7, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    m = SepFusion(bb, BIG, pair_prompt=pair_prompt).eval()
+    tokens = m.image_features(images)
+    whole = m.scores(tokens, BIG_OPEN)
+    m.pair_chunk_size, m.fusion_images = 4, 3
+    calls = _recording(m)
+    chunked = m.scores(tokens, BIG_OPEN)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    assert max(b * c for b, c in calls) <= 12 and max(c for _, c in calls) <= 4
+    assert sum(b * c for b, c in calls) == 7 * 30  # every (image, pair) row fused exactly once
+
+def test_chunked_training_recomputes_each_step_and_keeps_loss_and_gradients(bb):
+    "With grad, each step is checkpointed: backward runs it again (its activations were not kept); same loss and grads."
+    images = torch.rand(6, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(3))
+    pair = torch.arange(6) % len(BIG.seen_pairs)
+    def run(chunk, n_images):
+        torch.manual_seed(0)
+        m = SepFusion(bb, BIG, pair_prompt="soft").train()
+        m.pair_chunk_size, m.fusion_images = chunk, n_images
+        batch = {"features": m.image_features(images), "pair": pair,
+                 "attr": BIG.seen_ids[pair, 0], "obj": BIG.seen_ids[pair, 1]}
+        calls = _recording(m)
+        torch.manual_seed(1)
+        loss = sum(m(batch).values())
+        forward_calls = len(calls)
+        loss.backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, forward_calls, len(calls)
+    loss, grads, forward, total = run(10**9, 10**9)
+    assert (forward, total) == (1, 1)  # one step: nothing to recompute
+    loss_c, grads_c, forward_c, total_c = run(5, 2)  # 12 seen pairs in chunks of 5, images in blocks of 2
+    assert forward_c == 3 * 3 and total_c == 2 * forward_c
+    torch.testing.assert_close(loss_c, loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == grads_c.keys() and any(n.startswith("prompts.soft.pair") for n in grads)
+    for n in grads: torch.testing.assert_close(grads_c[n], grads[n], atol=1e-5, rtol=1e-4)
+
+def test_scoring_adds_the_primitive_term_in_place_as_composed_probability(bb, tokens):
+    from czsl_nb.methods import composed_probability
+    m = build(bb)
+    m.pair_chunk_size = 2
+    with torch.no_grad():
+        z = m.all_logits(tokens, OPEN)
+        assert torch.equal(m.combine(*z, OPEN), composed_probability({"pair": z[0], "attr": z[1], "obj": z[2]}, OPEN))
