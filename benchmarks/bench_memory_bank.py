@@ -16,7 +16,6 @@ import argparse, os, resource, statistics, time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.nn.functional as F
-import czsl_nb  # noqa: F401  (torchvision fix first)
 from czsl_nb.memory_bank import DynamicMemoryBank
 
 CGQA_SEEN_PAIRS = 5592  # C-GQA's training (seen) compositions in the standard split

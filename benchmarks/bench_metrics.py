@@ -64,7 +64,8 @@ def make_problem(n_images: int, n_pairs: int, n_seen: int, seed: int, seen_boost
     n_test_seen = max(1, round(888 / 5592 * is_seen.sum()))
     n_test_unseen = max(1, round(923 / 5592 * is_seen.sum()))
     test_pairs = np.concatenate([rng.choice(np.flatnonzero(is_seen), n_test_seen, replace=False),
-                                 rng.choice(np.flatnonzero(~is_seen), min(n_test_unseen, (~is_seen).sum()), replace=False)])
+                                 rng.choice(np.flatnonzero(~is_seen), min(n_test_unseen, (~is_seen).sum()),
+                                            replace=False)])
     gt = rng.choice(test_pairs, n_images)
     torch.manual_seed(seed)
     scores = torch.randn(n_images, n_pairs).numpy()   # float32, generated with torch's threads
@@ -124,13 +125,15 @@ def original_style_evaluate(scores: torch.Tensor, pair_truth: torch.Tensor, pair
     auc = float(np.sum((unseen_acc[1:] - unseen_acc[:-1]) * (seen_acc[1:] + seen_acc[:-1]) / 2))
     with np.errstate(divide="ignore", invalid="ignore"):
         hm = np.where((seen_acc > 0) & (unseen_acc > 0), 2 * seen_acc * unseen_acc / (seen_acc + unseen_acc), 0)
-    return dict(auc=auc, best_hm=float(hm.max()), best_seen=float(seen_acc.max()), best_unseen=float(unseen_acc.max()),
-                attr_acc=float(unbiased_closed[0].mean()), obj_acc=float(unbiased_closed[1].mean()), n_biases=len(seen_acc))
+    return dict(auc=auc, best_hm=float(hm.max()), best_seen=float(seen_acc.max()),
+                best_unseen=float(unseen_acc.max()), attr_acc=float(unbiased_closed[0].mean()),
+                obj_acc=float(unbiased_closed[1].mean()), n_biases=len(seen_acc))
 
 
 def fmt(result: dict) -> str:
     return (f"AUC {100 * result['auc']:.3f}  HM {100 * result['best_hm']:.3f}  S {100 * result['best_seen']:.2f}  "
-            f"U {100 * result['best_unseen']:.2f}  attr {100 * result['attr_acc']:.2f}  obj {100 * result['obj_acc']:.2f}")
+            f"U {100 * result['best_unseen']:.2f}  attr {100 * result['attr_acc']:.2f}  "
+            f"obj {100 * result['obj_acc']:.2f}")
 
 
 def main(argv=None):
@@ -171,7 +174,8 @@ def main(argv=None):
               f"{result['n_unseen_images']} unseen images)")
         time_ok, mem_ok = seconds <= args.max_seconds, extra_gb <= args.max_extra_gb
         print(f"    time   {'PASS' if time_ok else 'FAIL'}: {seconds:.2f} s  (target <= {args.max_seconds:g} s)")
-        print(f"    memory {'PASS' if mem_ok else 'FAIL'}: {extra_gb * 1024:.0f} MB extra  (target <= {args.max_extra_gb * 1024:.0f} MB)")
+        print(f"    memory {'PASS' if mem_ok else 'FAIL'}: {extra_gb * 1024:.0f} MB extra  "
+              f"(target <= {args.max_extra_gb * 1024:.0f} MB)")
         ok &= time_ok and mem_ok
         del problem; gc.collect()
 
@@ -191,7 +195,8 @@ def main(argv=None):
         print(f"    evaluate (one chunked pass):             {t_ours:8.2f} s   {fmt(ours)}")
         print(f"    original style (clone + re-rank x {orig['n_biases']:2d}):  {t_orig:8.2f} s   {fmt(orig)}")
         print(f"    speed-up: {t_orig / t_ours:.0f}x")
-        worst = max(abs(ours[key] - orig[key]) for key in ("auc", "best_hm", "best_seen", "best_unseen", "attr_acc", "obj_acc"))
+        keys = ("auc", "best_hm", "best_seen", "best_unseen", "attr_acc", "obj_acc")
+        worst = max(abs(ours[key] - orig[key]) for key in keys)
         same = worst < 1e-6
         print(f"    same metrics as the original style: {'PASS' if same else 'FAIL'} (largest difference {worst:.2e})")
         ok &= same

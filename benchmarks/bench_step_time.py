@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 import torch
-import czsl_nb.all  # noqa: F401
+import czsl_nb.all  # noqa: F401  (registers every method)
 from czsl_nb.learner import Learner, TrainConfig, prepare_run_dir, run_params
 from ablate import parse_assignments
 
@@ -49,9 +49,11 @@ def main():
     ap.add_argument("--backbone", default="mini-clip")
     args = ap.parse_args()
     params = {k: v for s in args.set for k, v in parse_assignments(s, "--set").items()}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backbone {args.backbone}, batch {args.batch_size}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backbone {args.backbone}, "
+          f"batch {args.batch_size}")
     baseline, method = Stepper("csp", {}, args), Stepper(args.method, params, args)
-    steppers = {"csp": baseline, f"{args.method} ": method} if args.method == "csp" else {"csp": baseline, args.method: method}
+    # the method's name gets a space when it is csp itself, so the two steppers keep separate keys
+    steppers = {"csp": baseline, f"{args.method} " if args.method == "csp" else args.method: method}
     for i in range(args.warmup + args.steps):
         for s in steppers.values(): s.step()
     for name, s in steppers.items():

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 from pathlib import Path
-import czsl_nb.all  # noqa: F401
+import czsl_nb.all  # noqa: F401  (registers every method)
 from czsl_nb.data import make_toy_dataset
 from czsl_nb.learner import TrainConfig, launch
 from ablate import parse_assignments
@@ -34,8 +34,8 @@ def main():
     import torch
     state = torch.load(scratch / "runs" / "smoke" / "checkpoint_best.pt", map_location="cpu", weights_only=True)
     n_saved = sum(v.numel() for v in state.values())
-    print(f"{args.method} on {args.backbone} (random weights): 1 epoch + closed/open test in {time.perf_counter() - start:.0f} s; "
-          f"checkpoint holds {n_saved:,} trained values in {len(state)} tensors")
+    print(f"{args.method} on {args.backbone} (random weights): 1 epoch + closed/open test in "
+          f"{time.perf_counter() - start:.0f} s; checkpoint holds {n_saved:,} trained values in {len(state)} tensors")
     for world, r in m["test"].items():
         print(f"  {world:>17}: AUC {100 * r['auc']:.2f}, best HM {100 * r['best_hm']:.2f}, "
               f"attr acc {100 * r['attr_acc']:.1f}, obj acc {100 * r['obj_acc']:.1f}")

@@ -12,7 +12,7 @@ _warnings.filterwarnings("ignore", message="IProgress not found")
 from .core import patch_torchvision as _patch_torchvision  # noqa: E402
 _patch_torchvision()
 
-from .core import register  # noqa: E402
+from .core import register as register  # noqa: E402  (re-exported: `czsl_nb.register`)
 
 
 def __getattr__(name: str):

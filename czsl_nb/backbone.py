@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .core import patch_to  # czsl_nb first: it lets torchvision (hence open_clip) import on CPU torch
 import open_clip
 from open_clip.model import resize_pos_embed
 from open_clip.transform import PreprocessCfg, image_transform_v2
@@ -19,7 +20,7 @@ from open_clip.transformer import VisionTransformer, text_global_pool
 # %% auto #0
 __all__ = ['MODEL_PRECISIONS', 'FREEZE_POLICIES', 'TINY_CLIP_CONFIG', 'resolve_model_name', 'WeightsUnavailableError',
            'is_offline', 'host_reachable', 'cached_pretrained', 'resolve_pretrained', 'load_weights', 'CLIPBackbone',
-           'patch_to', 'ImageTokens', 'tiny_backbone']
+           'ImageTokens', 'tiny_backbone', 'patch_to']
 
 # %% ../nbs/03_backbone.ipynb #f936f542
 def resolve_model_name(name: str | Path) -> str:
@@ -28,9 +29,12 @@ def resolve_model_name(name: str | Path) -> str:
         path = Path(name).expanduser()
         if not path.is_file(): raise FileNotFoundError(f"model config {path} not found")
         try: cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
         missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
-        if missing: raise ValueError(f"{path}: an open_clip model config needs the keys embed_dim, vision_cfg, text_cfg; missing {missing}")
+        if missing:
+            raise ValueError(f"{path}: an open_clip model config needs the keys embed_dim, vision_cfg, text_cfg; "
+                             f"missing {missing}")
         open_clip.add_model_config(path)
         return path.stem
     clean = str(name).replace("/", "-")
@@ -48,16 +52,16 @@ def resolve_model_name(name: str | Path) -> str:
 class WeightsUnavailableError(RuntimeError):
     "A pretrained tag's weights are neither cached locally nor downloadable (offline)."
 
-_TRUE = {"1", "true", "yes", "on"}
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 def is_offline() -> bool:
     "Whether `HF_HUB_OFFLINE` asks us not to download (env var, or huggingface_hub's setting at import)."
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE: return True
-    try: from huggingface_hub import constants
-    except ImportError: return False
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+    from huggingface_hub import constants  # a dependency of open_clip
+    # the variable as it is now: huggingface_hub reads it once, at import, and a notebook may set it later
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in constants.ENV_VARS_TRUE_VALUES: return True
+    return bool(constants.HF_HUB_OFFLINE)
 
+# ours: huggingface_hub has no connectivity probe (offline, its downloads hang on retries for ~50 s)
 def host_reachable(url: str, timeout: float = 3.0) -> bool:
     "Whether a TCP connection to `url`'s host (or the HTTPS proxy) opens within `timeout` seconds."
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("ALL_PROXY")
@@ -85,14 +89,12 @@ def cached_pretrained(tag_cfg: dict, cache_dir: str | None = None) -> tuple[str 
     looked = []
     if tag_cfg.get("file"): return (tag_cfg["file"] if os.path.isfile(tag_cfg["file"]) else None), [tag_cfg["file"]]
     if tag_cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache  # a dependency of open_clip
         repo_id, files = _hub_candidates(tag_cfg["hf_hub"])
-        try:
-            from huggingface_hub import try_to_load_from_cache
-            for filename in files:
-                found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
-                if isinstance(found, str) and os.path.isfile(found): return found, looked
-                looked.append(f"hf-hub cache: {repo_id}/{filename}")
-        except ImportError: pass
+        for filename in files:
+            found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+            if isinstance(found, str) and os.path.isfile(found): return found, looked
+            looked.append(f"hf-hub cache: {repo_id}/{filename}")
     if tag_cfg.get("url"):
         path = Path(cache_dir or "~/.cache/clip").expanduser() / os.path.basename(urlparse(tag_cfg["url"]).path)
         if path.is_file(): return str(path), looked
@@ -100,7 +102,8 @@ def cached_pretrained(tag_cfg: dict, cache_dir: str | None = None) -> tuple[str 
     return None, looked
 
 # %% ../nbs/03_backbone.ipynb #47f9f96c
-def resolve_pretrained(name: str, pretrained: str | Path | None, cache_dir: str | None = None) -> tuple[str | None, dict]:
+def resolve_pretrained(name: str, pretrained: str | Path | None,
+                       cache_dir: str | None = None) -> tuple[str | None, dict]:
     "Checkpoint file for `pretrained` (None, an open_clip tag, or a file path) of model `name`, and the tag's config."
     if pretrained is None or str(pretrained) == "": return None, {}
     if os.path.isfile(pretrained): return str(pretrained), {}
@@ -150,7 +153,8 @@ FREEZE_POLICIES = ("all", "none", "image", "text")
 _AMP_DTYPES = {"amp": torch.float16, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
 
 def _check_precision(precision: str) -> str:
-    if precision not in MODEL_PRECISIONS: raise ValueError(f"unknown precision {precision!r}; choose one of {MODEL_PRECISIONS}")
+    if precision not in MODEL_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {MODEL_PRECISIONS}")
     return precision
 
 class CLIPBackbone(nn.Module):
@@ -176,35 +180,6 @@ class CLIPBackbone(nn.Module):
         self.preprocess, self.train_transform = preprocess, train_transform
         self.frozen, self.freeze_policy = frozenset(), "none"
 
-    @classmethod
-    def create(cls,
-               name: str | Path,  # open_clip model name (e.g. "ViT-L-14") or path to a model-config JSON
-               pretrained: str | Path | None = None,  # None (random), an open_clip tag ("openai") or a checkpoint file
-               device: str | torch.device = "cpu",
-               precision: str = "fp32",  # one of MODEL_PRECISIONS; "amp" = fp32 weights + autocast on CUDA
-               cache_dir: str | None = None,  # where open_clip looks for / downloads tag weights
-               quick_gelu: bool | None = None,  # None: as the pretrained tag requires; else force it on/off
-               **open_clip_kwargs):  # passed to open_clip.create_model_and_transforms (e.g. aug_cfg, force_image_size)
-        "Build the model, load weights, and keep open_clip's tokenizer and image transforms."
-        model_name = resolve_model_name(name)
-        _check_precision(precision)
-        checkpoint, tag_cfg = resolve_pretrained(model_name, pretrained, cache_dir)
-        if quick_gelu is None and tag_cfg.get("quick_gelu"): quick_gelu = True
-        if quick_gelu is not None: open_clip_kwargs["quick_gelu"] = quick_gelu
-        for key, ours in [("mean", "image_mean"), ("std", "image_std"), ("interpolation", "image_interpolation"),
-                          ("resize_mode", "image_resize_mode")]:
-            if key in tag_cfg: open_clip_kwargs.setdefault(ours, tag_cfg[key])
-        previous = logging.root.manager.disable
-        logging.disable(logging.WARNING)  # open_clip warns "initialized randomly" before we load the weights ourselves
-        try:
-            model, train_transform, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=None, precision=precision, device=device, cache_dir=cache_dir, **open_clip_kwargs)
-        finally: logging.disable(previous)
-        if checkpoint is not None: load_weights(model, checkpoint)
-        tokenizer = open_clip.get_tokenizer(model_name, context_length=model.context_length)
-        return cls(model, tokenizer, preprocess, train_transform, precision=precision, name=model_name,
-                   pretrained=None if pretrained is None else str(pretrained))
-
     def train(self, mode: bool = True):
         "Set train/eval mode; frozen towers always stay in eval mode."
         super().train(mode)
@@ -220,12 +195,37 @@ class CLIPBackbone(nn.Module):
         return (f"CLIPBackbone(name={self.name!r}, pretrained={self.pretrained!r}, precision={self.precision!r}, "
                 f"device={str(self.device)!r}, frozen={sorted(self.frozen)})")
 
-def patch_to(cls, as_prop: bool = False):
-    "Decorator: attach a function to `cls` as a method (or property), like `fastcore.basics.patch_to`."
-    def deco(f):
-        setattr(cls, f.__name__, property(f) if as_prop else f)
-        return f
-    return deco
+# %% ../nbs/03_backbone.ipynb #f172c454
+@patch_to(CLIPBackbone, cls_method=True)
+def create(cls,
+           name: str | Path,  # open_clip model name (e.g. "ViT-L-14") or path to a model-config JSON
+           pretrained: str | Path | None = None,  # None (random), an open_clip tag ("openai") or a checkpoint file
+           device: str | torch.device = "cpu",
+           precision: str = "fp32",  # one of MODEL_PRECISIONS; "amp" = fp32 weights + autocast on CUDA
+           cache_dir: str | None = None,  # where open_clip looks for / downloads tag weights
+           quick_gelu: bool | None = None,  # None: as the pretrained tag requires; else force it on/off
+           **open_clip_kwargs):  # passed to open_clip.create_model_and_transforms (e.g. aug_cfg, force_image_size)
+    "Build the model, load weights, and keep open_clip's tokenizer and image transforms."
+    model_name = resolve_model_name(name)
+    _check_precision(precision)
+    checkpoint, tag_cfg = resolve_pretrained(model_name, pretrained, cache_dir)
+    if quick_gelu is None and tag_cfg.get("quick_gelu"): quick_gelu = True
+    if quick_gelu is not None: open_clip_kwargs["quick_gelu"] = quick_gelu
+    for key, ours in [("mean", "image_mean"), ("std", "image_std"), ("interpolation", "image_interpolation"),
+                      ("resize_mode", "image_resize_mode")]:
+        if key in tag_cfg: open_clip_kwargs.setdefault(ours, tag_cfg[key])
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # open_clip warns "initialized randomly" before we load the weights ourselves
+    try:
+        model, train_transform, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=None, precision=precision, device=device, cache_dir=cache_dir, **open_clip_kwargs)
+    finally: logging.disable(previous)
+    if checkpoint is not None: load_weights(model, checkpoint)
+    tokenizer = open_clip.get_tokenizer(model_name, context_length=model.context_length)
+    return cls(model, tokenizer, preprocess, train_transform, precision=precision, name=model_name,
+               pretrained=None if pretrained is None else str(pretrained))
+
+_all_ = ["patch_to"]  # defined in core; method notebooks have always imported it from here
 
 # %% ../nbs/03_backbone.ipynb #93932978
 @patch_to(CLIPBackbone, as_prop=True)
@@ -333,7 +333,8 @@ def encode_text(self, texts_or_ids, normalize: bool = False) -> torch.Tensor:
     return F.normalize(features, dim=-1) if normalize else features
 
 @patch_to(CLIPBackbone)
-def logits(self, image_features: torch.Tensor, text_features: torch.Tensor, scale: float | torch.Tensor | None = None) -> torch.Tensor:
+def logits(self, image_features: torch.Tensor, text_features: torch.Tensor,
+           scale: float | torch.Tensor | None = None) -> torch.Tensor:
     "CLIP scores [B, T] = scale * cos(image, text) in float32; scale defaults to exp(logit_scale)."
     image_features = F.normalize(image_features.float(), dim=-1)
     text_features = F.normalize(text_features.float(), dim=-1)
@@ -376,7 +377,9 @@ def image_tokens(self, images: torch.Tensor, layers: Sequence[int] = ()) -> Imag
     n_blocks = len(visual.transformer.resblocks)
     layers = tuple(int(l) for l in layers)
     bad = [l for l in layers if not -n_blocks <= l < n_blocks]
-    if bad: raise ValueError(f"layers {bad} out of range: the image tower has {n_blocks} blocks (valid: {-n_blocks}..{n_blocks - 1})")
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the image tower has {n_blocks} blocks "
+                         f"(valid: {-n_blocks}..{n_blocks - 1})")
     take = sorted({l % n_blocks for l in layers} | {n_blocks - 1})
     with self.autocast():
         out = visual.forward_intermediates(self._images_in(images), indices=take, output_fmt="NLC",
@@ -398,15 +401,16 @@ def token_embedding(self, ids: torch.Tensor) -> torch.Tensor:
 
 @patch_to(CLIPBackbone)
 def encode_text_embeddings(self,
-                           ids: torch.Tensor,  # [T, n] token ids (n <= context_length); locate EOT and the text length
-                           embeddings: torch.Tensor,  # [T, n, D_t] token embeddings, some rows replaced by learned vectors
-                           return_hidden: bool = False,  # also return the last hidden states G [T, n, D_t] after ln_final
+                           ids: torch.Tensor,  # [T, n] token ids (n <= context_length): where EOT is, the length
+                           embeddings: torch.Tensor,  # [T, n, D_t] token embeddings, some rows learned vectors
+                           return_hidden: bool = False,  # also return the last hidden states G [T, n, D_t] (ln_final)
                            normalize: bool = False):
     "Text features [T, D] from token embeddings (and G [T, n, D_t] if `return_hidden`)."
     m, ids = self.model, ids.to(self.device)
     n = ids.shape[1]
     if embeddings.shape[:2] != ids.shape or embeddings.shape[-1] != self.text_width:
-        raise ValueError(f"embeddings {tuple(embeddings.shape)} must be [T, n, D_t] = {(*ids.shape, self.text_width)} to match ids")
+        raise ValueError(f"embeddings {tuple(embeddings.shape)} must be [T, n, D_t] = {(*ids.shape, self.text_width)} "
+                         "to match ids")
     if n > self.context_length: raise ValueError(f"{n} tokens exceed the model's context length {self.context_length}")
     cast_dtype = m.transformer.get_cast_dtype()
     with self.autocast():
@@ -415,7 +419,8 @@ def encode_text_embeddings(self,
         hidden = m.ln_final(x)
         pooled = text_global_pool(hidden, ids, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
         if m.text_projection is not None:
-            pooled = m.text_projection(pooled) if isinstance(m.text_projection, nn.Linear) else pooled @ m.text_projection
+            if isinstance(m.text_projection, nn.Linear): pooled = m.text_projection(pooled)
+            else: pooled = pooled @ m.text_projection
     pooled = pooled.float()
     if normalize: pooled = F.normalize(pooled, dim=-1)
     return (pooled, hidden.float()) if return_hidden else pooled

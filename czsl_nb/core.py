@@ -12,7 +12,7 @@ import torch
 
 # %% auto #0
 __all__ = ['METHODS', 'patch_torchvision', 'project_root', 'cache_dir', 'runs_dir', 'read_params_file', 'seed_everything',
-           'register', 'progress']
+           'patch_to', 'register', 'progress']
 
 # %% ../nbs/00_core.ipynb #c602983d
 _TORCHVISION_SCHEMAS = {
@@ -35,7 +35,7 @@ def _torchvision_extension_loads() -> bool:
     except (OSError, RuntimeError): return False
 
 def patch_torchvision() -> bool:
-    "Define the `torchvision::nms`/`qnms` schemas when torchvision's C extension cannot load. Returns whether it patched."
+    "Define the `torchvision::nms`/`qnms` schemas when torchvision's C extension cannot load; returns whether it did."
     global _torchvision_fragment
     if importlib.util.find_spec("torchvision") is None: return False
     missing = [n for n in _TORCHVISION_SCHEMAS if not _has_torchvision_op(n)]
@@ -84,6 +84,14 @@ def seed_everything(seed: int) -> None:
     "Seed `random`, NumPy and torch (CPU and CUDA)."
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
     if torch.cuda.is_available(): torch.cuda.manual_seed_all(seed)
+
+# %% ../nbs/00_core.ipynb #f3a9ed94
+def patch_to(cls, as_prop: bool = False, cls_method: bool = False):
+    "Decorator: attach a function to `cls` as a method (or property, or classmethod), like fastcore's `patch_to`."
+    def deco(f):
+        setattr(cls, f.__name__, property(f) if as_prop else classmethod(f) if cls_method else f)
+        return f
+    return deco
 
 # %% ../nbs/00_core.ipynb #47bc2a15
 METHODS: dict[str, type] = {}

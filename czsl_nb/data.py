@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #24af22a7
 from __future__ import annotations
-import argparse, shutil, sys, tarfile, tempfile, urllib.request, warnings, zipfile
+import argparse, shutil, tarfile, tempfile, urllib.request, warnings, zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import product
@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from .core import patch_to
 
 # %% auto #0
 __all__ = ['SPLIT_NAME', 'METADATA_NAME', 'SPLITS', 'Pair', 'DOWNLOADS', 'BENCHMARK_DIRS', 'DatasetError', 'split_dir',
@@ -45,7 +46,8 @@ def read_pairs(path: str | Path) -> list[Pair]:
         if not line.strip(): continue
         names = line.split()
         if len(names) != 2:
-            raise DatasetError(f"{path}:{lineno}: expected exactly two names 'attr obj', got {len(names)}: {line.strip()!r}")
+            raise DatasetError(f"{path}:{lineno}: expected exactly two names 'attr obj', "
+                               f"got {len(names)}: {line.strip()!r}")
         pairs[(names[0], names[1])] = None
     if not pairs: raise DatasetError(f"{path}: no pairs; expected one 'attr obj' pair per line")
     return list(pairs)
@@ -60,22 +62,27 @@ def load_metadata(root: str | Path) -> list[dict]:
     "The metadata list of `{image, attr, obj, set}` dicts, checked for the keys the layout requires."
     path = metadata_file(root)
     if not path.is_file():
-        raise DatasetError(f"{path}: metadata file not found; expected a torch.save'd list of dicts with keys image, attr, obj, set")
+        raise DatasetError(f"{path}: metadata file not found; "
+                           "expected a torch.save'd list of dicts with keys image, attr, obj, set")
     try: entries = torch.load(path, weights_only=True)
     except Exception as e:
         raise DatasetError(f"{path}: cannot be read as a torch.save'd list of dicts ({type(e).__name__}: {e})") from e
     if not isinstance(entries, (list, tuple)):
-        raise DatasetError(f"{path}: expected a list of dicts with keys image, attr, obj, set; got {type(entries).__name__}")
+        raise DatasetError(f"{path}: expected a list of dicts with keys image, attr, obj, set; "
+                           f"got {type(entries).__name__}")
+    required = {"image", "attr", "obj", "set"}
     for i, entry in enumerate(entries):
-        missing = {"image", "attr", "obj", "set"} - set(entry) if isinstance(entry, dict) else {"image", "attr", "obj", "set"}
+        missing = required - set(entry) if isinstance(entry, dict) else required
         if missing:
-            raise DatasetError(f"{path}: entry {i} lacks {sorted(missing)}; every entry needs image, attr, obj, set (got {entry!r})")
+            raise DatasetError(f"{path}: entry {i} lacks {sorted(missing)}; "
+                               f"every entry needs image, attr, obj, set (got {entry!r})")
     return list(entries)
 
 def write_layout(root: str | Path, pairs: dict[str, Sequence[Pair]], metadata: Sequence[dict]) -> Path:
     "Write the pair files and metadata of the standard layout under `root` (images are the caller's)."
     root = Path(root)
-    if set(pairs) != set(SPLITS): raise ValueError(f"pairs needs exactly the splits {SPLITS}, got {sorted(pairs)}")
+    if set(pairs) != set(SPLITS):
+        raise ValueError(f"pairs needs exactly the splits {SPLITS}, got {sorted(pairs)}")
     for split in SPLITS: write_pairs(pairs_file(root, split), pairs[split])
     (root / "images").mkdir(parents=True, exist_ok=True)
     torch.save([{k: str(e[k]) for k in ("image", "attr", "obj", "set")} for e in metadata], metadata_file(root))
@@ -121,21 +128,24 @@ class LoadReport:
     def lines(self) -> list[str]:
         out = []
         for split in SPLITS:
-            if self.skipped_na[split]: out.append(f"{split}: skipped {self.skipped_na[split]} metadata entries marked NA")
+            if self.skipped_na[split]:
+                out.append(f"{split}: skipped {self.skipped_na[split]} metadata entries marked NA")
             if self.skipped_outside_pairs[split]:
-                out.append(f"{split}: skipped {self.skipped_outside_pairs[split]} metadata entries whose pair is not in {split}_pairs.txt")
+                out.append(f"{split}: skipped {self.skipped_outside_pairs[split]} metadata entries "
+                           f"whose pair is not in {split}_pairs.txt")
             missing = self.pairs_without_images.get(split, [])
             if missing:
                 shown = ", ".join(f"{a} {o}" for a, o in missing[:10]) + (", ..." if len(missing) > 10 else "")
                 out.append(f"{split}: {len(missing)} pairs listed in {split}_pairs.txt have no images: {shown}")
         if self.skipped_images:
-            shown = "; ".join(f"{p} ({why})" for p, why in self.skipped_images[:5]) + ("; ..." if len(self.skipped_images) > 5 else "")
+            shown = "; ".join(f"{p} ({why})" for p, why in self.skipped_images[:5])
+            shown += "; ..." if len(self.skipped_images) > 5 else ""
             out.append(f"skipped {len(self.skipped_images)} unreadable images: {shown}")
         return out
 
     def __str__(self): return "\n".join(self.lines()) or "clean: nothing skipped, every listed pair has images"
 
-# %% ../nbs/01_data.ipynb #a2326559
+# %% ../nbs/01_data.ipynb #80615a86
 _CHECKS = ("header", "full", "exists", "none")
 _BAD_IMAGE_POLICIES = ("error", "skip")
 
@@ -151,6 +161,7 @@ def _check_image(path: Path, how: str) -> str | None:
         return f"cannot decode image: {type(e).__name__}: {e}"
     return None
 
+# %% ../nbs/01_data.ipynb #a2326559
 class CompositionData:
     "A CZSL dataset in the standard layout: vocabularies, pair lists, seen/unseen masks and per-split samples."
     def __init__(self,
@@ -179,38 +190,6 @@ class CompositionData:
         if warn and not self.report.clean:
             warnings.warn(f"{self.root}: " + "; ".join(self.report.lines()), stacklevel=2)
 
-    def _read_samples(self, entries, bad_images, check_images) -> dict[str, list[Sample]]:
-        allowed = {split: set(pairs) for split, pairs in self.split_pairs.items()}
-        samples = {split: [] for split in SPLITS}
-        for entry in entries:
-            split, attr, obj = str(entry["set"]), str(entry["attr"]), str(entry["obj"])
-            if split == "NA" or attr == "NA":
-                self.report.skipped_na[split] += 1
-                continue
-            if split not in samples:
-                raise DatasetError(f"{metadata_file(self.root)}: entry {entry!r} has set={split!r}; "
-                                   f"expected one of {', '.join(SPLITS)} or NA")
-            if (attr, obj) not in allowed[split]:
-                self.report.skipped_outside_pairs[split] += 1
-                continue
-            sample = Sample(str(entry["image"]), attr, obj)
-            problem = _check_image(self.image_path(sample), check_images)
-            if problem is not None:
-                if bad_images == "error":
-                    raise DatasetError(f"{self.image_path(sample)}: {problem} (listed in {metadata_file(self.root).name} "
-                                       f"for {split} pair '{attr} {obj}'); pass bad_images='skip' to skip and count such images")
-                self.report.skipped_images.append((str(self.image_path(sample)), problem))
-                continue
-            samples[split].append(sample)
-        for split in SPLITS:
-            if not samples[split]:
-                raise DatasetError(f"{metadata_file(self.root)}: split {split!r} has no usable images "
-                                   f"({self.report.skipped_na[split]} marked NA, {self.report.skipped_outside_pairs[split]} "
-                                   f"outside {split}_pairs.txt, {len(self.report.skipped_images)} unreadable images in all)")
-            shown = {s.pair for s in samples[split]}
-            self.report.pairs_without_images[split] = [p for p in self.split_pairs[split] if p not in shown]
-        return samples
-
     @property
     def train_pairs(self) -> list[Pair]: return self.split_pairs["train"]
     @property
@@ -232,26 +211,67 @@ class CompositionData:
         return torch.tensor([p in self._seen for p in pairs], dtype=torch.bool)
     def pair_ids(self, pairs: Sequence[Pair]) -> torch.Tensor:
         "[P, 2] long: (attr id, obj id) of each pair, the ids `czsl_nb.metrics.evaluate` takes."
-        return torch.tensor([(self.attr2idx[a], self.obj2idx[o]) for a, o in pairs], dtype=torch.long).reshape(-1, 2)
+        ids = [(self.attr2idx[a], self.obj2idx[o]) for a, o in pairs]
+        return torch.tensor(ids, dtype=torch.long).reshape(-1, 2)
     def labels(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         "Ground-truth ([N] attr ids, [N] obj ids) of a split's samples, in sample order."
         ids = self.pair_ids([s.pair for s in self.samples[split]])
         return ids[:, 0], ids[:, 1]
 
-    def summary(self) -> dict:
-        "Counts per split, in the shape of the benchmark tables (pairs seen/unseen, images)."
-        out = {"attrs": len(self.attrs), "objs": len(self.objs), "closed_pairs": len(self.pairs),
-               "open_pairs": len(self.attrs) * len(self.objs)}
-        for split in SPLITS:
-            pairs = self.split_pairs[split]
-            n_seen = sum(self.is_seen(p) for p in pairs)
-            out[split] = {"seen_pairs": n_seen, "unseen_pairs": len(pairs) - n_seen, "images": len(self.samples[split])}
-        return out
+# %% ../nbs/01_data.ipynb #d592dc8b
+@patch_to(CompositionData)
+def _read_samples(self, entries, bad_images, check_images) -> dict[str, list[Sample]]:
+    allowed = {split: set(pairs) for split, pairs in self.split_pairs.items()}
+    samples = {split: [] for split in SPLITS}
+    for entry in entries:
+        split, attr, obj = str(entry["set"]), str(entry["attr"]), str(entry["obj"])
+        if split == "NA" or attr == "NA":
+            self.report.skipped_na[split] += 1
+            continue
+        if split not in samples:
+            raise DatasetError(f"{metadata_file(self.root)}: entry {entry!r} has set={split!r}; "
+                               f"expected one of {', '.join(SPLITS)} or NA")
+        if (attr, obj) not in allowed[split]:
+            self.report.skipped_outside_pairs[split] += 1
+            continue
+        sample = Sample(str(entry["image"]), attr, obj)
+        problem = _check_image(self.image_path(sample), check_images)
+        if problem is not None:
+            if bad_images == "error":
+                raise DatasetError(f"{self.image_path(sample)}: {problem} (listed in {metadata_file(self.root).name} "
+                                   f"for {split} pair '{attr} {obj}'); "
+                                   "pass bad_images='skip' to skip and count such images")
+            self.report.skipped_images.append((str(self.image_path(sample)), problem))
+            continue
+        samples[split].append(sample)
+    for split in SPLITS:
+        if not samples[split]:
+            raise DatasetError(f"{metadata_file(self.root)}: split {split!r} has no usable images "
+                               f"({self.report.skipped_na[split]} marked NA, "
+                               f"{self.report.skipped_outside_pairs[split]} outside {split}_pairs.txt, "
+                               f"{len(self.report.skipped_images)} unreadable images in all)")
+        shown = {s.pair for s in samples[split]}
+        self.report.pairs_without_images[split] = [p for p in self.split_pairs[split] if p not in shown]
+    return samples
 
-    def __repr__(self):
-        s = self.summary()
-        return (f"CompositionData({str(self.root)!r}: {s['attrs']} attrs x {s['objs']} objs, "
-                + ", ".join(f"{k} {s[k]['images']} images/{s[k]['seen_pairs']}+{s[k]['unseen_pairs']} pairs" for k in SPLITS) + ")")
+# %% ../nbs/01_data.ipynb #3b8f6658
+@patch_to(CompositionData)
+def summary(self) -> dict:
+    "Counts per split, in the shape of the benchmark tables (pairs seen/unseen, images)."
+    out = {"attrs": len(self.attrs), "objs": len(self.objs), "closed_pairs": len(self.pairs),
+           "open_pairs": len(self.attrs) * len(self.objs)}
+    for split in SPLITS:
+        pairs = self.split_pairs[split]
+        n_seen = sum(self.is_seen(p) for p in pairs)
+        out[split] = {"seen_pairs": n_seen, "unseen_pairs": len(pairs) - n_seen, "images": len(self.samples[split])}
+    return out
+
+@patch_to(CompositionData)
+def __repr__(self):
+    s = self.summary()
+    per_split = ", ".join(f"{k} {s[k]['images']} images/{s[k]['seen_pairs']}+{s[k]['unseen_pairs']} pairs"
+                          for k in SPLITS)
+    return f"CompositionData({str(self.root)!r}: {s['attrs']} attrs x {s['objs']} objs, {per_split})"
 
 # %% ../nbs/01_data.ipynb #35cd1219
 def make_toy_dataset(root: str | Path, image_size: int = 8) -> Path:
@@ -325,8 +345,9 @@ def _extract(archive: Path, into: Path) -> None:
     else:
         with tarfile.open(archive) as t: t.extractall(into, filter="data")
 
+# %% ../nbs/01_data.ipynb #b19a0e9e
 def layout_mit_states(extracted: Path, splits: Path, dest: Path) -> Path:
-    "Move MIT-States' `release_dataset/images/<adj noun>/` into `<dest>/images/<adj_noun>/` beside its split files."
+    "Move MIT-States' `release_dataset/images/<adj noun>/` to `<dest>/images/<adj_noun>/` beside its split files."
     root = dest / BENCHMARK_DIRS["mit-states"]
     (root / "images").mkdir(parents=True, exist_ok=True)
     for folder in sorted((extracted / "release_dataset" / "images").iterdir()):
@@ -352,6 +373,7 @@ def _copy_split_files(src: Path, root: Path) -> None:
     shutil.copytree(src / SPLIT_NAME, root / SPLIT_NAME, dirs_exist_ok=True)
     shutil.copy(src / METADATA_NAME, root / METADATA_NAME)
 
+# %% ../nbs/01_data.ipynb #25140504
 def download(name: str, dest: str | Path = "data") -> Path:
     "Download one benchmark (`mit-states`, `ut-zappos`, `cgqa`) or `glove` into `dest` in the standard layout."
     if name not in BENCHMARK_DIRS and name != "glove":
@@ -364,7 +386,8 @@ def download(name: str, dest: str | Path = "data") -> Path:
             for item in tmp.iterdir(): shutil.move(str(item), dest / item.name)
             return dest / (BENCHMARK_DIRS.get(name) or "")
         splits = archives / "splits"
-        if not splits.exists(): _extract(_fetch(DOWNLOADS["splits"], archives / "compositional_split_natural.tar.gz"), splits)
+        if not splits.exists():
+            _extract(_fetch(DOWNLOADS["splits"], archives / "compositional_split_natural.tar.gz"), splits)
         root = (layout_mit_states if name == "mit-states" else layout_ut_zappos)(tmp, splits, dest)
     print(CompositionData(root, check_images="exists"))
     return root

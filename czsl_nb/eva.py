@@ -9,8 +9,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .backbone import CLIPBackbone
-from .core import register
+from .core import patch_to, register
 from .methods import CZSLMethod, Params, hparam
 from .moe_lora import TOWERS, add_moe_lora
 from .prompts import ContextPrompt, PrimitiveVocabulary
@@ -115,19 +114,10 @@ class EVA(CZSLMethod):
         "Whether training aligns image variants to text (the λ2 term)."
         return self.hparams["use_variants"] and self.hparams["lambda_variant"] > 0
 
-    # -- text side ----------------------------------------------------------------------------
-    def pair_text(self, pair_ids: torch.Tensor) -> torch.Tensor:
-        "[P, D] normalised composition prompts t_c, `pair_chunk_size` prompts at a time."
-        return self.pair_prompt.encode_pairs(self.backbone, self.vocab, pair_ids, self.pair_chunk_size)
-
-    def primitive_text(self) -> tuple[torch.Tensor, torch.Tensor]:
-        "Normalised state prompts t_s [|A|, D] and object prompts t_o [|O|, D]."
-        attrs, objs = self.vocab.primitives()
-        return self.attr_prompt(self.backbone, [attrs]), self.obj_prompt(self.backbone, [objs])
-
     @property
     def scale(self) -> torch.Tensor: return self.backbone.logit_scale.exp()
 
+    # in the class body: a patched function named so would rebind the module's `primitive_logits`, called here
     def primitive_logits(self, pair_cos: torch.Tensor, pair_ids: torch.Tensor,
                          pair_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         "State and object logits τ max_o (...) from the cosines [B, P], or from p_c when `primitive_max='probability'`."
@@ -136,60 +126,75 @@ class EVA(CZSLMethod):
         return primitive_logits(pair_cos, pair_ids, len(self.space.attrs), len(self.space.objs),
                                 self.log_tau_attr.exp(), self.log_tau_obj.exp())
 
-    # -- image side ---------------------------------------------------------------------------
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        "[B, 1 + V, D]: the image feature f_c, then (training with image-to-text alignment) the V expert variants."
-        if self.image_adapted and self.training and self.uses_image_variants:
-            pooled, variants = self.adapter.image_variants(images)
-            return torch.cat([pooled[:, None], variants], dim=1)
-        return self.backbone.encode_image(images)[:, None]
+# %% ../nbs/23_eva.ipynb #4932a736
+@patch_to(EVA)
+def pair_text(self: EVA, pair_ids: torch.Tensor) -> torch.Tensor:
+    "[P, D] normalised composition prompts t_c, `pair_chunk_size` prompts at a time."
+    return self.pair_prompt.encode_pairs(self.backbone, self.vocab, pair_ids, self.pair_chunk_size)
 
-    # -- training -----------------------------------------------------------------------------
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        weights = {"balance": self.hparams["balance_weight"], "isolation": self.hparams["isolation_weight"]}
-        kinds = [k for k, w in weights.items() if w > 0] if self.adapter is not None else []
-        if not kinds: return super().forward(batch)
-        with self.adapter.tracking(*kinds) as tracked:  # image and text forwards both route
-            out = super().forward(batch)
-        return {**out, **{f"{k}_loss": weights[k] * torch.stack(terms).mean() for k, terms in tracked.items() if terms}}
+@patch_to(EVA)
+def primitive_text(self: EVA) -> tuple[torch.Tensor, torch.Tensor]:
+    "Normalised state prompts t_s [|A|, D] and object prompts t_o [|O|, D]."
+    attrs, objs = self.vocab.primitives()
+    return self.attr_prompt(self.backbone, [attrs]), self.obj_prompt(self.backbone, [objs])
 
-    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        hp = self.hparams
-        feats = F.normalize(self.batch_features(batch).float(), dim=-1)
-        image = feats[:, 0]
-        pair_cos = image @ self.pair_text(self.seen_ids).T
-        terms = {"pair_loss": F.cross_entropy(self.scale * pair_cos, batch["pair"])}
-        if not hp["use_variants"]: return terms
-        if hp["lambda_primitive"] > 0:
-            attr_logits, obj_logits = self.primitive_logits(pair_cos, self.seen_ids)
-            terms["primitive_loss"] = hp["lambda_primitive"] * (F.cross_entropy(attr_logits, batch["attr"]) +
-                                                                F.cross_entropy(obj_logits, batch["obj"]))
-        if self.uses_image_variants:
-            variants = feats[:, 1:] if feats.shape[1] > 1 else feats[:, :1]
-            attr_text, obj_text = self.primitive_text()
-            f_s = select_variants(variants, attr_text[batch["attr"]], image, hp["alpha"])
-            f_o = select_variants(variants, obj_text[batch["obj"]], image, hp["alpha"])
-            variant_ce = (F.cross_entropy(self.scale * f_s @ attr_text.T, batch["attr"]) +
-                          F.cross_entropy(self.scale * f_o @ obj_text.T, batch["obj"]))
-            terms["variant_loss"] = hp["lambda_variant"] * variant_ce
-        return terms
+@patch_to(EVA)
+def image_features(self: EVA, images: torch.Tensor) -> torch.Tensor:
+    "[B, 1 + V, D]: the image feature f_c, then (training with image-to-text alignment) the V expert variants."
+    if self.image_adapted and self.training and self.uses_image_variants:
+        pooled, variants = self.adapter.image_variants(images)
+        return torch.cat([pooled[:, None], variants], dim=1)
+    return self.backbone.encode_image(images)[:, None]
 
-    # -- inference ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def scorer(self, pair_ids: torch.Tensor):
-        text = self.pair_text(pair_ids)  # [P, D], kept for every image batch
-        beta = self.hparams["beta"] if self.hparams["use_variants"] else 0.0
-        by_cosine = self.hparams["primitive_max"] == "cosine"
-        def score(features: torch.Tensor) -> torch.Tensor:
-            image = F.normalize((features[:, 0] if features.ndim == 3 else features).float(), dim=-1)
-            pair_cos = image @ text.T  # [B, P]; scaled in place below, so at most two [B, P] matrices exist
-            if beta and by_cosine: attr_logits, obj_logits = self.primitive_logits(pair_cos, pair_ids)
-            probs = F.softmax(pair_cos.mul_(self.scale), dim=-1)
-            del pair_cos
-            if not beta: return probs
-            if not by_cosine: attr_logits, obj_logits = self.primitive_logits(probs, pair_ids, pair_probs=probs)
-            p_attr, p_obj = F.softmax(attr_logits, -1), F.softmax(obj_logits, -1)
-            for ids, part in zip(pair_ids.split(self.pair_chunk_size), probs.split(self.pair_chunk_size, dim=1)):
-                part += beta * (p_attr[:, ids[:, 0]] + p_obj[:, ids[:, 1]])  # in place: no further [B, P] matrix
-            return probs
-        return torch.no_grad()(score)
+# %% ../nbs/23_eva.ipynb #838d9f68
+@patch_to(EVA)
+def forward(self: EVA, batch: dict) -> dict[str, torch.Tensor]:
+    weights = {"balance": self.hparams["balance_weight"], "isolation": self.hparams["isolation_weight"]}
+    kinds = [k for k, w in weights.items() if w > 0] if self.adapter is not None else []
+    if not kinds: return super(EVA, self).forward(batch)
+    with self.adapter.tracking(*kinds) as tracked:  # image and text forwards both route
+        out = super(EVA, self).forward(batch)
+    return {**out, **{f"{k}_loss": weights[k] * torch.stack(terms).mean() for k, terms in tracked.items() if terms}}
+
+@patch_to(EVA)
+def loss(self: EVA, batch: dict) -> dict[str, torch.Tensor]:
+    hp = self.hparams
+    feats = F.normalize(self.batch_features(batch).float(), dim=-1)
+    image = feats[:, 0]
+    pair_cos = image @ self.pair_text(self.seen_ids).T
+    terms = {"pair_loss": F.cross_entropy(self.scale * pair_cos, batch["pair"])}
+    if not hp["use_variants"]: return terms
+    if hp["lambda_primitive"] > 0:
+        attr_logits, obj_logits = self.primitive_logits(pair_cos, self.seen_ids)
+        terms["primitive_loss"] = hp["lambda_primitive"] * (F.cross_entropy(attr_logits, batch["attr"]) +
+                                                            F.cross_entropy(obj_logits, batch["obj"]))
+    if self.uses_image_variants:
+        variants = feats[:, 1:] if feats.shape[1] > 1 else feats[:, :1]
+        attr_text, obj_text = self.primitive_text()
+        f_s = select_variants(variants, attr_text[batch["attr"]], image, hp["alpha"])
+        f_o = select_variants(variants, obj_text[batch["obj"]], image, hp["alpha"])
+        variant_ce = (F.cross_entropy(self.scale * f_s @ attr_text.T, batch["attr"]) +
+                      F.cross_entropy(self.scale * f_o @ obj_text.T, batch["obj"]))
+        terms["variant_loss"] = hp["lambda_variant"] * variant_ce
+    return terms
+
+# %% ../nbs/23_eva.ipynb #9dd43463
+@patch_to(EVA)
+@torch.no_grad()
+def scorer(self: EVA, pair_ids: torch.Tensor):
+    text = self.pair_text(pair_ids)  # [P, D], kept for every image batch
+    beta = self.hparams["beta"] if self.hparams["use_variants"] else 0.0
+    by_cosine = self.hparams["primitive_max"] == "cosine"
+    def score(features: torch.Tensor) -> torch.Tensor:
+        image = F.normalize((features[:, 0] if features.ndim == 3 else features).float(), dim=-1)
+        pair_cos = image @ text.T  # [B, P]; scaled in place below, so at most two [B, P] matrices exist
+        if beta and by_cosine: attr_logits, obj_logits = self.primitive_logits(pair_cos, pair_ids)
+        probs = F.softmax(pair_cos.mul_(self.scale), dim=-1)
+        del pair_cos
+        if not beta: return probs
+        if not by_cosine: attr_logits, obj_logits = self.primitive_logits(probs, pair_ids, pair_probs=probs)
+        p_attr, p_obj = F.softmax(attr_logits, -1), F.softmax(obj_logits, -1)
+        for ids, part in zip(pair_ids.split(self.pair_chunk_size), probs.split(self.pair_chunk_size, dim=1)):
+            part += beta * (p_attr[:, ids[:, 0]] + p_obj[:, ids[:, 1]])  # in place: no further [B, P] matrix
+        return probs
+    return torch.no_grad()(score)

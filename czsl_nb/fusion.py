@@ -21,7 +21,7 @@ __all__ = ['PROMPT_KINDS', 'FUSION_ORDERS', 'SeparatedPrompts', 'CrossAttention'
 PROMPT_KINDS = ("hard", "soft")
 
 class SeparatedPrompts(nn.Module):
-    "Pair, state and object prompts, each 'hard' (fixed words) or 'soft' (own learned context + shared learned vocabulary)."
+    "Pair, state and object prompts, each 'hard' (fixed words) or 'soft' (own learned context, shared vocabulary)."
     def __init__(self, backbone: CLIPBackbone, attrs: Sequence[str], objs: Sequence[str],
                  pair: str = "hard", state: str = "soft", object: str = "soft",  # prompt kind of each
                  context: str = "a photo of",  # words of the hard prompts before the names; init of the soft contexts
@@ -30,18 +30,24 @@ class SeparatedPrompts(nn.Module):
         super().__init__()
         self.kinds = {"pair": pair, "state": state, "object": object}
         bad = {k: v for k, v in self.kinds.items() if v not in PROMPT_KINDS}
-        if bad: raise ValueError(f"unknown prompt kind(s) {bad}; each of pair, state, object must be one of {PROMPT_KINDS}")
+        if bad:
+            raise ValueError(f"unknown prompt kind(s) {bad}; each of pair, state, object must be one of {PROMPT_KINDS}")
         self.context, self.n_attrs, self.n_objs = context, len(attrs), len(objs)
         self.attr_words, self.obj_words = [clean_name(a) for a in attrs], [clean_name(o) for o in objs]
         soft = [k for k, v in self.kinds.items() if v == "soft"]
         self.vocab = PrimitiveVocabulary(backbone, attrs, objs, dropout=attr_dropout) if soft else None
         self.soft = nn.ModuleDict({k: ContextPrompt(backbone, context, n_slots=2 if k == "pair" else 1) for k in soft})
         with torch.no_grad():
-            if state == "hard": self.register_buffer("hard_state", encode_prompts(backbone, [f"{context} {a}" for a in self.attr_words]), persistent=False)
-            if object == "hard": self.register_buffer("hard_object", encode_prompts(backbone, [f"{context} {o}" for o in self.obj_words]), persistent=False)
+            if state == "hard":
+                hard_state = encode_prompts(backbone, [f"{context} {a}" for a in self.attr_words])
+                self.register_buffer("hard_state", hard_state, persistent=False)
+            if object == "hard":
+                hard_object = encode_prompts(backbone, [f"{context} {o}" for o in self.obj_words])
+                self.register_buffer("hard_object", hard_object, persistent=False)
             cached = cache_pairs is not None and pair == "hard"
             self.register_buffer("cached_pairs", cache_pairs.clone() if cached else None, persistent=False)
-            self.register_buffer("hard_pair", self._hard_pairs(backbone, cache_pairs) if cached else None, persistent=False)
+            hard_pair = self._hard_pairs(backbone, cache_pairs) if cached else None
+            self.register_buffer("hard_pair", hard_pair, persistent=False)
 
     def _hard_pairs(self, backbone: CLIPBackbone, pair_ids: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
         texts = [f"{self.context} {self.attr_words[a]} {self.obj_words[o]}" for a, o in pair_ids.tolist()]
@@ -121,7 +127,7 @@ def _to_layer_scale(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1) * math.sqrt(x.shape[-1])
 
 class ModalFusionSynthesizer(nn.Module):
-    "MFSB: inter-modal (text <-> image tokens) and intra-modal (state <-> object) gated cross-attention, in a given order."
+    "MFSB: inter-modal (text <-> image tokens) and intra-modal (state <-> object) gated cross-attention, in order."
     def __init__(self, dim: int,
                  order: str | Sequence[str] = "inter_intra",  # a FUSION_ORDERS key, or a sequence of "inter"/"intra"
                  heads: int = 0,  # attention heads; 0 = D/64 (at least 1)
@@ -129,7 +135,8 @@ class ModalFusionSynthesizer(nn.Module):
                  gate_init: float = 0.1):  # initial λ of every layer
         super().__init__()
         if isinstance(order, str):
-            if order not in FUSION_ORDERS: raise ValueError(f"unknown fusion {order!r}; choose one of {list(FUSION_ORDERS)}")
+            if order not in FUSION_ORDERS:
+                raise ValueError(f"unknown fusion {order!r}; choose one of {list(FUSION_ORDERS)}")
             order = FUSION_ORDERS[order]
         self.order = tuple(order)
         if any(s not in ("inter", "intra") for s in self.order) or len(set(self.order)) != len(self.order):

@@ -7,26 +7,30 @@ from __future__ import annotations
 import copy, hashlib, json, math, os, re, subprocess, time
 from dataclasses import dataclass, asdict, field, fields
 from pathlib import Path
-from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Callable, Literal, get_args, get_origin, get_type_hints
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
+# czsl_nb first: importing it lets torchvision (hence open_clip) import on a CPU-only torch
+from .core import cache_dir, patch_to, progress, project_root, read_params_file, runs_dir, seed_everything
 from accelerate import Accelerator, PartialState, notebook_launcher
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 from torch.utils.data import DataLoader, Dataset
-from .core import cache_dir, progress, project_root, read_params_file, runs_dir, seed_everything
 from .data import CompositionData, CompositionSplit, SPLITS, clean_name
-from .metrics import evaluate as evaluate_scores, plot_curve, feasibility_scores, calibrate_feasibility, apply_feasibility
-from .backbone import CLIPBackbone, patch_to, tiny_backbone
+# `evaluate_scores`: the name `evaluate` is Learner.evaluate's (patch_to binds it in this module too)
+from .metrics import (evaluate as evaluate_scores, plot_curve, feasibility_scores, calibrate_feasibility,
+                             apply_feasibility)
+from .backbone import CLIPBackbone, tiny_backbone
 from .mini_clip import load_backbone
 from .synthetic import synthetic_world
-from .methods import CZSLMethod, LabelSpace, Params, default_values, get_method, hparam, list_methods, valid_values
+from .methods import (CZSLMethod, LabelSpace, Params, default_values, get_method, hparam, list_methods,
+                             valid_values)
 from .prompts import encode_prompts
+if TYPE_CHECKING: import pandas as pd  # only for annotations; pandas loads when a table is asked for
 
 # %% auto #0
 __all__ = ['LR_SCHEDULES', 'DEVICES', 'MIXED_PRECISIONS', 'OPTIMIZERS', 'FEASIBILITY_MODES', 'FEATURE_CACHE_DTYPES', 'RUN_FILES',
-           'FEATURE_CACHE_VERSION', 'RESULT_KEYS', 'lr_factor', 'probe_method_values', 'TrainConfig', 'git_commit',
+           'FEATURE_CACHE_VERSION', 'RESULT_KEYS', 'lr_factor', 'TrainConfig', 'probe_method_values', 'git_commit',
            'provenance', 'run_params', 'read_run_params', 'check_run_dir', 'prepare_run_dir', 'FeatureSplit',
            'EpochShuffle', 'FixedShuffle', 'SeededItems', 'PartnerSplit', 'resolve_dataset', 'limit_train_images',
            'split_labels', 'image_tower_fingerprint', 'FeatureCache', 'FeatureCacheWriter', 'Learner', 'FitContext',
@@ -43,28 +47,14 @@ LR_SCHEDULES: dict[str, Callable[[float, "TrainConfig"], float]] = {
 }
 
 def lr_factor(cfg: "TrainConfig", steps_per_epoch: int) -> Callable[[int], float]:
-    "The multiplier of every group's lr after `step` optimiser steps: the schedule at that fractional epoch, times the warm-up."
+    "The multiplier of every group's lr after `step` optimiser steps: the schedule at that epoch, times the warm-up."
     schedule, warmup_steps = LR_SCHEDULES[cfg.lr_schedule], cfg.warmup_epochs * steps_per_epoch
     def factor(step: int) -> float:
         warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
         return warmup * schedule(step / steps_per_epoch, cfg)
     return factor
 
-# %% ../nbs/30_learner.ipynb #695ec289
-def probe_method_values(method: str, hparams: dict) -> None:
-    "Build `method` once on the tiny random CLIP and a 3 x 2 label space: a bad hyper-parameter value fails here, in a second, before any data, weights or run folder."
-    import warnings
-    space = LabelSpace(["red", "wet", "old"], ["ball", "dog"], [("red", "ball"), ("wet", "dog"), ("old", "ball")])
-    threads = torch.get_num_threads()
-    # one thread: an OpenMP pool started here would deadlock the data-parallel workers forked after it
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(), warnings.catch_warnings():  # the probe leaves the run's random stream untouched
-            warnings.simplefilter("ignore")
-            get_method(method)(tiny_backbone(), space, **hparams)
-    except ValueError as e: raise ValueError(f"method {method!r}: {e}") from None
-    finally: torch.set_num_threads(threads)
-
+# %% ../nbs/30_learner.ipynb #dc807834
 DEVICES = ("cpu", "cuda", "auto")  # auto: cuda when available
 MIXED_PRECISIONS = ("no", "fp16", "bf16")  # Accelerate's mixed_precision (the backbone's weights: MODEL_PRECISIONS)
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -79,14 +69,17 @@ def _check_backbone_name(name: str) -> None:
     raise ValueError(f"parameter backbone={name!r}: not 'mini-clip', an open_clip model name "
                      "(open_clip.list_models(), e.g. ViT-L-14) or an existing open_clip config JSON file")
 
+# %% ../nbs/30_learner.ipynb #695ec289
 @dataclass
 class TrainConfig(Params):
     "Everything a run needs besides the method's own hyper-parameters."
     label = "parameter "  # errors read "parameter epochs=-2: out of range; valid: [0, inf)"
     method: str = hparam("csp", "a registered method: czsl_nb.list_methods()")
     dataset: str = hparam("synthetic", "'synthetic' (the embedded world) or a dataset root in the standard CZSL layout")
-    backbone: str = hparam("mini-clip", "'mini-clip' (shipped), an open_clip model name (e.g. ViT-L-14) or a config JSON")
-    pretrained: str = hparam("", "empty: the backbone's default; an open_clip tag (e.g. openai) or a local checkpoint file")
+    backbone: str = hparam("mini-clip", "'mini-clip' (shipped), an open_clip model name (e.g. ViT-L-14) "
+                                        "or a config JSON")
+    pretrained: str = hparam("", "empty: the backbone's default; an open_clip tag (e.g. openai) "
+                                 "or a local checkpoint file")
     epochs: int = hparam(10, "training epochs; 0 evaluates the untrained method", range="[0, inf)")
     optimizer: Literal[tuple(OPTIMIZERS)] = hparam("adam", "adam (the papers' choice) or adamw")
     lr: float = hparam(1e-3, "learning rate of the main parameter group (a method may add groups)", range="(0, inf)")
@@ -95,15 +88,17 @@ class TrainConfig(Params):
     lr_step_size: int = hparam(5, "step: the lr is multiplied by lr_gamma every this many epochs", range="[1, inf)")
     lr_gamma: float = hparam(0.1, "step, multistep: the factor of each lr drop", range="(0, 1]")
     lr_milestones: list[int] = hparam([], "multistep: epochs after which the lr drops by lr_gamma", range="[1, inf)")
-    warmup_epochs: float = hparam(0.0, "linear warm-up from 0 to the scheduled lr over this many epochs", range="[0, inf)")
+    warmup_epochs: float = hparam(0.0, "linear warm-up from 0 to the scheduled lr over this many epochs",
+                                  range="[0, inf)")
     batch_size: int = hparam(128, "training images per batch and process", range="[1, inf)")
-    grad_accum: int = hparam(1, "gradient accumulation steps (one optimiser step per this many batches)", range="[1, inf)")
+    grad_accum: int = hparam(1, "gradient accumulation steps (one optimiser step per this many batches)",
+                             range="[1, inf)")
     eval_batch_size: int = hparam(256, "images per batch when encoding and scoring", range="[1, inf)")
     pair_chunk_size: int = hparam(1024, "compositions a method handles at once (bounds memory at C-GQA scale)",
                                   range="[1, inf)")
     feature_cache: str = hparam("", "folder of the disk feature caches (empty: ~/.cache/czsl_nb/features)")
-    feature_cache_dtype: Literal[FEATURE_CACHE_DTYPES] = hparam("auto", "how cached features are stored: auto = float16 "
-                                                                 "tokens, float32 pooled")
+    feature_cache_dtype: Literal[FEATURE_CACHE_DTYPES] = hparam("auto", "how cached features are stored: "
+                                                                 "auto = float16 tokens, float32 pooled")
     max_train_per_pair: int = hparam(0, "low-shot protocol: at most this many training images per composition, "
                                         "drawn by seed (0 = all)", range="[0, inf)")
     seed: int = hparam(0, "seeds initialisation, data order and every epoch's randomness", range="[0, inf)")
@@ -114,34 +109,18 @@ class TrainConfig(Params):
     run: str = hparam("", "run folder under runs/ (empty: <method>-<dataset>-s<seed>)")
     resume: bool = hparam(False, "continue a killed run from its last checkpoint")
     open_world: bool = hparam(False, "also test in the open world (feasibility threshold picked on validation AUC)")
-    feasibility_mode: Literal[FEASIBILITY_MODES] = hparam("multiply", "how infeasible pairs are suppressed: multiply (CSP) or mask")
+    feasibility_mode: Literal[FEASIBILITY_MODES] = hparam("multiply", "how infeasible pairs are suppressed: "
+                                                                       "multiply (CSP) or mask")
 
     def check(self) -> None:
         if self.run and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", self.run):
-            raise ValueError(f"parameter run={self.run!r}: a folder name: letters, digits and . _ = + - (no slashes or spaces)")
+            raise ValueError(f"parameter run={self.run!r}: a folder name: letters, digits and . _ = + - "
+                             "(no slashes or spaces)")
         if (self.lr_schedule == "multistep") != bool(self.lr_milestones):
-            raise ValueError(f"parameter lr_milestones={self.lr_milestones!r}: lr_schedule='multistep' needs milestones "
-                             f"and the other schedules take none (lr_schedule={self.lr_schedule!r})")
+            raise ValueError(f"parameter lr_milestones={self.lr_milestones!r}: lr_schedule='multistep' needs "
+                             f"milestones and the other schedules take none (lr_schedule={self.lr_schedule!r})")
         if self.lr_milestones != sorted(set(self.lr_milestones)):
             raise ValueError(f"parameter lr_milestones={self.lr_milestones!r}: must increase strictly")
-
-    def validate(self, method_params: dict | None = None, probe_method: bool = True, check_paths: bool = True) -> dict:
-        "Checks against this machine and the registry; returns the method's resolved hyper-parameters (a probe build checks their values)."
-        def bad(name, why): raise ValueError(f"parameter {name}={getattr(self, name)!r}: {why}")
-        if self.method not in list_methods(): bad("method", f"unknown method; valid: {', '.join(list_methods())}")
-        if self.device == "cuda" and not torch.cuda.is_available(): bad("device", "CUDA is not available on this machine; use cpu")
-        if self.precision != "no" and not self.uses_cuda: bad("precision", "mixed precision needs a CUDA device; use no on CPU")
-        _check_backbone_name(self.backbone)
-        if check_paths and self.dataset != "synthetic" and not Path(self.dataset).expanduser().is_dir():
-            bad("dataset", "not 'synthetic' and not an existing folder (a dataset root in the standard CZSL layout)")
-        method = get_method(self.method)
-        hparams = method.resolve_hparams(method_params or {})
-        needed = method.min_epochs(hparams)
-        if method.trainable and 0 < self.epochs < needed:
-            bad("epochs", f"method {self.method!r} with these hyper-parameters trains its full model only after {needed} "
-                          "epochs (its early epochs train a part); use at least that, or 0 to evaluate only")
-        if probe_method: probe_method_values(self.method, hparams)
-        return hparams
 
     @property
     def uses_cuda(self) -> bool: return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
@@ -151,15 +130,53 @@ class TrainConfig(Params):
         dataset = "synthetic" if self.dataset == "synthetic" else Path(self.dataset).expanduser().resolve().name
         return self.run or f"{self.method}-{dataset}-s{self.seed}"
 
+# %% ../nbs/30_learner.ipynb #0c6ebea6
+def probe_method_values(method: str, hparams: dict) -> None:
+    "Build `method` once on the tiny random CLIP and a 3 x 2 label space: a bad value fails here, in a second."
+    import warnings
+    space = LabelSpace(["red", "wet", "old"], ["ball", "dog"], [("red", "ball"), ("wet", "dog"), ("old", "ball")])
+    threads = torch.get_num_threads()
+    # one thread: an OpenMP pool started here would deadlock the data-parallel workers forked after it
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(), warnings.catch_warnings():  # the probe leaves the run's random stream untouched
+            warnings.simplefilter("ignore")
+            get_method(method)(tiny_backbone(), space, **hparams)
+    except ValueError as e: raise ValueError(f"method {method!r}: {e}") from None
+    finally: torch.set_num_threads(threads)
+
+@patch_to(TrainConfig)
+def validate(self, method_params: dict | None = None, probe_method: bool = True, check_paths: bool = True) -> dict:
+    "Checks against this machine and the registry; returns the method's resolved hyper-parameters (probed)."
+    def bad(name, why): raise ValueError(f"parameter {name}={getattr(self, name)!r}: {why}")
+    if self.method not in list_methods(): bad("method", f"unknown method; valid: {', '.join(list_methods())}")
+    if self.device == "cuda" and not torch.cuda.is_available():
+        bad("device", "CUDA is not available on this machine; use cpu")
+    if self.precision != "no" and not self.uses_cuda:
+        bad("precision", "mixed precision needs a CUDA device; use no on CPU")
+    _check_backbone_name(self.backbone)
+    if check_paths and self.dataset != "synthetic" and not Path(self.dataset).expanduser().is_dir():
+        bad("dataset", "not 'synthetic' and not an existing folder (a dataset root in the standard CZSL layout)")
+    method = get_method(self.method)
+    hparams = method.resolve_hparams(method_params or {})
+    needed = method.min_epochs(hparams)
+    if method.trainable and 0 < self.epochs < needed:
+        bad("epochs", f"method {self.method!r} with these hyper-parameters trains its full model only after "
+                      f"{needed} epochs (its early epochs train a part); use at least that, or 0 to evaluate only")
+    if probe_method: probe_method_values(self.method, hparams)
+    return hparams
+
 # %% ../nbs/30_learner.ipynb #594f23ff
 RUN_FILES = dict(params="params.yaml", provenance="provenance.yaml", metrics="metrics.json", history="history.json",
-                 last="checkpoint_last.pt", best="checkpoint_best.pt", loss_curve="loss_curve.png", scores="test_scores.npz")
+                 last="checkpoint_last.pt", best="checkpoint_best.pt", loss_curve="loss_curve.png",
+                 scores="test_scores.npz")
 
 def git_commit() -> str | None:
     "The checkout's HEAD commit (with `-dirty` when tracked files changed), or None outside a checkout."
     root = project_root()
     if root is None: return None
-    git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                       timeout=10).stdout.strip()
     try: sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError): return None
     return (sha + ("-dirty" if dirty else "")) or None
@@ -171,10 +188,12 @@ def provenance() -> dict:
         try: return importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError: return None
     packages = ("czsl_nb", "torch", "open_clip_torch", "accelerate", "peft", "numpy")
-    return {"git_commit": git_commit(), "versions": {p: version(p) for p in packages}, "python": platform.python_version(),
-            "platform": platform.platform(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    return {"git_commit": git_commit(), "versions": {p: version(p) for p in packages},
+            "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
+# %% ../nbs/30_learner.ipynb #67c0d17a
 def run_params(cfg: TrainConfig, method_params: dict, check_paths: bool = True) -> dict:
     "What params.yaml records: every TrainConfig field and the method's resolved hyper-parameters, side by side."
     return {**asdict(cfg), **cfg.validate(method_params, check_paths=check_paths)}
@@ -187,9 +206,11 @@ def check_run_dir(cfg: TrainConfig, root: Path | None = None) -> Path:
     "`runs/<run>` if this config may write there: refuse a finished run, and an unfinished one unless resuming."
     run_dir = Path(root or runs_dir()) / cfg.run_name
     if (run_dir / RUN_FILES["metrics"]).exists():
-        raise FileExistsError(f"{run_dir} holds a finished run (metrics.json); choose another run name with -p run NAME")
+        raise FileExistsError(f"{run_dir} holds a finished run (metrics.json); "
+                              "choose another run name with -p run NAME")
     if (run_dir / RUN_FILES["params"]).exists() and not cfg.resume:
-        raise FileExistsError(f"{run_dir} holds an unfinished run; pass -p resume True to continue it, or choose another run name")
+        raise FileExistsError(f"{run_dir} holds an unfinished run; pass -p resume True to continue it, "
+                              "or choose another run name")
     return run_dir
 
 def prepare_run_dir(cfg: TrainConfig, params: dict, root: Path | None = None) -> Path:
@@ -218,7 +239,9 @@ class FeatureSplit(Dataset):
     def __len__(self): return len(self.features)
     def rows(self, start: int, stop: int) -> torch.Tensor:
         "Rows start..stop as float32 (a cache may store float16)."
-        return torch.as_tensor(np.asarray(self.features[start:stop])).float()
+        rows = self.features[start:stop]
+        if isinstance(rows, torch.Tensor): return rows.float()
+        return torch.from_numpy(np.array(rows, dtype=np.float32))  # a copy: memory-mapped rows are read-only
     def __getitem__(self, i):
         return {"features": self.rows(i, i + 1)[0], **{k: v[i] for k, v in self.labels.items()}, "index": i}
 
@@ -227,7 +250,8 @@ class EpochShuffle(torch.utils.data.Sampler):
     def __init__(self, n: int, seed: int): self.n, self.seed, self.epoch = n, seed, 0
     def set_epoch(self, epoch: int) -> None: self.epoch = epoch
     def __iter__(self):
-        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist())
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
     def __len__(self): return self.n
 
 class FixedShuffle(EpochShuffle):
@@ -235,7 +259,7 @@ class FixedShuffle(EpochShuffle):
     def set_epoch(self, epoch: int) -> None: pass
 
 class SeededItems(Dataset):
-    "Each item of `base` drawn under its own seed (seed, epoch, index): random augmentation independent of workers and ranks."
+    "Each item of `base` drawn under its own seed (seed, epoch, index): augmentation independent of workers and ranks."
     def __init__(self, base: Dataset, seed: int): self.base, self.seed, self.epoch = base, seed, 0
     def set_epoch(self, epoch: int) -> None: self.epoch = epoch
     def __len__(self): return len(self.base)
@@ -282,7 +306,8 @@ def limit_train_images(data: CompositionData, per_pair: int, seed: int) -> Compo
     by_pair: dict = {}
     for i, sample in enumerate(data.samples["train"]): by_pair.setdefault(sample.pair, []).append(i)
     draw = torch.Generator().manual_seed(seed)
-    keep = sorted(idx[j] for idx in by_pair.values() for j in torch.randperm(len(idx), generator=draw)[:per_pair].tolist())
+    keep = sorted(idx[j] for idx in by_pair.values()
+                  for j in torch.randperm(len(idx), generator=draw)[:per_pair].tolist())
     limited = copy.copy(data)  # shares everything but the training sample list
     limited.samples = {**data.samples, "train": [data.samples["train"][i] for i in keep]}
     return limited
@@ -295,22 +320,23 @@ def split_labels(data: CompositionData, split: str, seen_pairs) -> dict[str, tor
 # %% ../nbs/30_learner.ipynb #7b7aef45
 FEATURE_CACHE_VERSION = 1
 
-def _hash(*parts) -> str:
+def _hash(parts) -> str:
+    "sha1 of a stream of parts, one at a time (a model's weights are never copied whole); arrays as their bytes."
     h = hashlib.sha1()
-    for part in parts: h.update(part if isinstance(part, bytes) else str(part).encode())
+    for part in parts: h.update(part if isinstance(part, (bytes, np.ndarray)) else str(part).encode())
     return h.hexdigest()
 
 def image_tower_fingerprint(backbone: CLIPBackbone) -> str:
     "A hash of the image tower's weights (names and bytes): different weights never share cached features."
     state = backbone.model.visual.state_dict()
-    return _hash(*(piece for name, t in state.items()
-                   for piece in (name, t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())))
+    return _hash(piece for name, t in state.items()
+                 for piece in (name, t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 class FeatureCache:
     "One split's cached image features: `<key>.npy` (read memory-mapped) beside `<key>.json`, the spec that made it."
     def __init__(self, root: str | Path, spec: dict):
         self.spec = {"version": FEATURE_CACHE_VERSION, **spec}
-        key = _hash(json.dumps(self.spec, sort_keys=True))[:24]
+        key = _hash([json.dumps(self.spec, sort_keys=True)])[:24]
         self.root, self.path, self.meta = Path(root), Path(root) / f"{key}.npy", Path(root) / f"{key}.json"
 
     def open(self) -> np.ndarray | None:
@@ -319,7 +345,8 @@ class FeatureCache:
         meta = json.loads(self.meta.read_text())
         try: array = np.load(self.path, mmap_mode="r")
         except (ValueError, OSError): return None
-        if meta.get("spec") != self.spec or meta.get("shape") != list(array.shape) or meta.get("dtype") != str(array.dtype):
+        if (meta.get("spec") != self.spec or meta.get("shape") != list(array.shape)
+                or meta.get("dtype") != str(array.dtype)):
             return None
         return array
 
@@ -327,10 +354,12 @@ class FeatureCache:
         "A writer of `n` rows, to call with (sample indices, rows) in any order, then `finish()`."
         return FeatureCacheWriter(self, n, dtype)
 
+# %% ../nbs/30_learner.ipynb #bd5a14d5
 class FeatureCacheWriter:
     "Writes rows into a temporary .npy as they arrive; `finish` renames it into place once every row is there."
     def __init__(self, cache: FeatureCache, n: int, dtype: str):
-        if dtype not in FEATURE_CACHE_DTYPES: raise ValueError(f"dtype={dtype!r}; valid: {', '.join(FEATURE_CACHE_DTYPES)}")
+        if dtype not in FEATURE_CACHE_DTYPES:
+            raise ValueError(f"dtype={dtype!r}; valid: {', '.join(FEATURE_CACHE_DTYPES)}")
         self.cache, self.n, self.dtype, self.array = cache, n, dtype, None
         self.tmp = cache.path.with_name(f"{cache.path.stem}.tmp-{os.getpid()}.npy")
 
@@ -357,11 +386,12 @@ class Learner:
     "Train, select and test one method on one dataset, writing everything to one run folder."
     def __init__(self, cfg: TrainConfig, run_dir: Path, method_params: dict | None = None,
                  data: CompositionData | None = None, backbone: CLIPBackbone | None = None):
-        self.cfg, self.run_dir = cfg, Path(run_dir)  # run_dir: prepared by `prepare_run_dir` (or an existing run to evaluate)
+        self.cfg, self.run_dir = cfg, Path(run_dir)  # prepared by `prepare_run_dir` (or an existing run to evaluate)
         self.method_params = cfg.validate(method_params, probe_method=False)  # the method is built below, for real
         # split_batches: batch_size is the global batch however many processes share it, so they train as one would
         # a staged method leaves some parameters unused in an epoch: DDP must not wait for their gradients
-        self.acc = Accelerator(cpu=not cfg.uses_cuda, mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum,
+        self.acc = Accelerator(cpu=not cfg.uses_cuda, mixed_precision=cfg.precision,
+                               gradient_accumulation_steps=cfg.grad_accum,
                                dataloader_config=DataLoaderConfiguration(split_batches=True),
                                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         seed_everything(cfg.seed)
@@ -386,16 +416,17 @@ class Learner:
 @patch_to(Learner)
 @torch.no_grad()
 def _each_batch_in_split(self: Learner, split: str, loader, per_batch, sink, desc: str | None = None) -> None:
-    "Hand `sink(sample indices, rows)` the float32 rows of `per_batch(batch)` for every image of `split`, each exactly once."
+    "Hand `sink(sample indices, rows)` the float32 rows of `per_batch(batch)` for every image of `split`, each once."
     n = len(self.data.samples[split])
     seen = torch.zeros(n, dtype=torch.bool)
-    sharded = type(loader) is not DataLoader  # prepared by Accelerate; a plain loader holds the whole split on every rank
+    sharded = type(loader) is not DataLoader  # prepared by Accelerate; a plain loader: the whole split on every rank
     for batch in progress(loader, desc or "", enabled=desc is not None and self.acc.is_main_process):
         with self.acc.autocast(): rows = per_batch(batch).float()
         index = batch["index"].to(rows.device)
         if sharded: rows, index = self.acc.gather_for_metrics((rows, index))
         index = index.cpu()
-        if seen[index].any() or len(index.unique()) != len(index): raise RuntimeError(f"{split}: an image arrived twice")
+        if seen[index].any() or len(index.unique()) != len(index):
+            raise RuntimeError(f"{split}: an image arrived twice")
         seen[index] = True
         sink(index, rows.cpu())
     if not seen.all(): raise RuntimeError(f"{split}: {int((~seen).sum())} of {n} images never arrived")
@@ -421,11 +452,15 @@ def _eval_loader(self: Learner, loader: DataLoader) -> DataLoader:
 def feature_cache(self: Learner, split: str) -> FeatureCache:
     "The cache of `split`'s image features: keyed by everything that changes them."
     method, samples = self.acc.unwrap_model(self.method), self.data.samples[split]
-    if getattr(self, "_tower_fingerprint", None) is None: self._tower_fingerprint = image_tower_fingerprint(self.backbone)
-    spec = {"backbone": self.cfg.backbone, "weights": self._tower_fingerprint, "dataset": str(Path(self.data.root).resolve()),
-            "split": split, "images": _hash(*(self.data.image_path(s) for s in samples)),
-            "transform": repr(self.backbone.preprocess), "features": method.feature_spec(), "dtype": self.cfg.feature_cache_dtype}
-    return FeatureCache(Path(self.cfg.feature_cache).expanduser() if self.cfg.feature_cache else cache_dir() / "features", spec)
+    if getattr(self, "_tower_fingerprint", None) is None:
+        self._tower_fingerprint = image_tower_fingerprint(self.backbone)
+    spec = {"backbone": self.cfg.backbone, "weights": self._tower_fingerprint,
+            "dataset": str(Path(self.data.root).resolve()), "split": split,
+            "images": _hash(self.data.image_path(s) for s in samples),
+            "transform": repr(self.backbone.preprocess), "features": method.feature_spec(),
+            "dtype": self.cfg.feature_cache_dtype}
+    root = Path(self.cfg.feature_cache).expanduser() if self.cfg.feature_cache else cache_dir() / "features"
+    return FeatureCache(root, spec)
 
 @patch_to(Learner)
 def _cached_features(self: Learner, split: str) -> FeatureSplit:
@@ -437,7 +472,8 @@ def _cached_features(self: Learner, split: str) -> FeatureSplit:
         loader = self.acc.prepare(DataLoader(self._images(split, train=False), batch_size=self.cfg.eval_batch_size,
                                              num_workers=self.cfg.num_workers))
         writes = self.acc.is_local_main_process  # one writer per machine; every rank reads the file afterwards
-        write = cache.writer(len(self.data.samples[split]), self.cfg.feature_cache_dtype) if writes else lambda i, r: None
+        if writes: write = cache.writer(len(self.data.samples[split]), self.cfg.feature_cache_dtype)
+        else: write = lambda i, r: None
         encode = lambda b: method.image_features(b["image"].to(self.acc.device))
         self._each_batch_in_split(split, loader, encode, write, desc=f"encode {split}")
         if writes: write.finish()
@@ -445,6 +481,7 @@ def _cached_features(self: Learner, split: str) -> FeatureSplit:
         features = cache.open()
     return FeatureSplit(features, split_labels(self.data, split, self.space.seen_pairs))
 
+# %% ../nbs/30_learner.ipynb #6bdbc355
 @patch_to(Learner)
 def _loader(self: Learner, split: str) -> DataLoader:
     train, cached = split == "train", self.method.cache_image_features
@@ -465,7 +502,8 @@ def split_outputs(self: Learner, split: str, fn=None) -> tuple[torch.Tensor, dic
     fn = fn or (lambda features: features)
     labels = split_labels(self.data, split, self.space.seen_pairs)
     loader = self.loaders.get(split)
-    cached = loader.dataset.base if isinstance(getattr(loader, "dataset", None), PartnerSplit) else getattr(loader, "dataset", None)
+    cached = getattr(loader, "dataset", None)
+    if isinstance(cached, PartnerSplit): cached = cached.base
     if isinstance(cached, FeatureSplit):  # read the cache in batches into one pre-allocated tensor
         out, size = None, self.cfg.eval_batch_size
         with torch.no_grad():
@@ -475,8 +513,9 @@ def split_outputs(self: Learner, split: str, fn=None) -> tuple[torch.Tensor, dic
                 out[start:start + len(rows)] = rows
         return out, labels
     if split not in self.eval_loaders:  # training images, but with the evaluation transform and in sample order
-        self.eval_loaders[split] = self.acc.prepare(DataLoader(self._images(split, train=False),
-                                                               batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.num_workers))
+        images = self._images(split, train=False)
+        self.eval_loaders[split] = self.acc.prepare(DataLoader(images, batch_size=self.cfg.eval_batch_size,
+                                                               num_workers=self.cfg.num_workers))
     per_batch = lambda b: fn(method.image_features(b["image"].to(self.acc.device)))
     return self._in_split_order(split, self.eval_loaders[split], per_batch), labels
 
@@ -515,7 +554,8 @@ class FitContext:
 def context(self: Learner, epoch: int = 0) -> FitContext:
     "The view of this run that the method's hooks get."
     if getattr(self, "_context", None) is None:
-        self._context = FitContext(self.cfg, self.run_dir, self.data, self.space, self.backbone, self.acc, self.split_outputs)
+        self._context = FitContext(self.cfg, self.run_dir, self.data, self.space, self.backbone, self.acc,
+                                   self.split_outputs)
     self._context.epoch = epoch
     return self._context
 
@@ -550,8 +590,8 @@ def fit(self: Learner) -> dict:
             lr = opt.param_groups[0]["lr"]
             losses = self._train_epoch(model, opt, schedule, train_loader, epoch)
             val = self.evaluate("val")
-            self.history.append({"epoch": epoch, "lr": lr, **losses, "val_auc": val["auc"], "val_best_hm": val["best_hm"],
-                                 "selectable": method.selectable})
+            self.history.append({"epoch": epoch, "lr": lr, **losses, "val_auc": val["auc"],
+                                 "val_best_hm": val["best_hm"], "selectable": method.selectable})
             if method.selectable and val["auc"] > best["auc"]:  # an early stage's model is never the answer
                 best = {"epoch": epoch, "auc": val["auc"]}
                 if acc.is_main_process: torch.save(method.trainable_state_dict(), self.run_dir / RUN_FILES["best"])
@@ -563,11 +603,13 @@ def fit(self: Learner) -> dict:
                                                      if k not in ("epoch", "selectable")))
             acc.wait_for_everyone()
         if best["epoch"] == 0:
-            raise RuntimeError(f"no epoch of {cfg.epochs} trained the full model of {cfg.method!r}, so none can be selected")
+            raise RuntimeError(f"no epoch of {cfg.epochs} trained the full model of {cfg.method!r}, "
+                               "so none can be selected")
         best_state = torch.load(self.run_dir / RUN_FILES["best"], map_location="cpu", weights_only=True)
         self.method.load_trainable_state_dict(best_state)
     self.method.on_fit_end(self.context(best["epoch"]))
-    # what on_fit_start/on_fit_end set (memories, a bank, an init_from model) belongs to the tested model, even after 0 epochs
+    # what on_fit_start/on_fit_end set (memories, a bank, an init_from model) belongs to the tested model,
+    # even after 0 epochs
     if self.method.trainable and acc.is_main_process:
         torch.save(self.method.trainable_state_dict(), self.run_dir / RUN_FILES["best"])
     return self.test(best["epoch"])
@@ -627,12 +669,12 @@ def open_world_results(self: Learner, split: str, topk: int = 1) -> dict:
     feas, seen = self.feasibility(), self.data.seen_mask(pairs)
     val_scores = self.score_split("val", pairs)
     attr, obj = self.data.labels("val")
-    calib = calibrate_feasibility(val_scores, attr, obj, self.data.pair_ids(pairs), self.data.pair_ids(self.data.train_pairs),
-                                  feas, mode=mode, topk=topk)
+    calib = calibrate_feasibility(val_scores, attr, obj, self.data.pair_ids(pairs),
+                                  self.data.pair_ids(self.data.train_pairs), feas, mode=mode, topk=topk)
     raw = val_scores if split == "val" else self.score_split(split, pairs)
     calibrated = apply_feasibility(raw, feas, calib["threshold"], seen, mode=mode)
-    return {"open": {**self.evaluate(split, True, calibrated, topk), "feasibility_threshold": float(calib["threshold"])},
-            "open_uncalibrated": self.evaluate(split, True, raw, topk)}
+    opened = {**self.evaluate(split, True, calibrated, topk), "feasibility_threshold": float(calib["threshold"])}
+    return {"open": opened, "open_uncalibrated": self.evaluate(split, True, raw, topk)}
 
 # %% ../nbs/30_learner.ipynb #118172c6
 @patch_to(Learner)
@@ -644,20 +686,22 @@ def test(self: Learner, epoch: int) -> dict:
                "epoch": epoch, "git_commit": git_commit(), "method": cfg.method, "dataset": cfg.dataset,
                "backbone": cfg.backbone, "seed": cfg.seed}
     if cfg.open_world: results["test"].update(self.open_world_results("test"))
-    if getattr(self, "_context", None) is not None and self._context.logged: results["logged"] = dict(self._context.logged)
+    if getattr(self, "_context", None) is not None and self._context.logged:
+        results["logged"] = dict(self._context.logged)
     if self.acc.is_main_process: self._write_results(results, test_scores)
     self.acc.wait_for_everyone()  # every process returns after the run's files are written
     return results
 
 @patch_to(Learner)
 def _write_results(self: Learner, results: dict, test_scores: torch.Tensor) -> None:
-    import matplotlib; import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt
     d = self.run_dir
     names = lambda pairs: np.array(pairs, dtype=str).reshape(-1, 2)
     samples = self.data.samples["test"]
-    np.savez_compressed(d / RUN_FILES["scores"], scores=test_scores.numpy().astype(np.float32), pairs=names(self.data.pairs),
-                        attr=np.array([s.attr for s in samples], dtype=str), obj=np.array([s.obj for s in samples], dtype=str),
-                        seen_pairs=names(self.data.train_pairs), eval_pairs=names(self.data.test_pairs))
+    np.savez_compressed(d / RUN_FILES["scores"], scores=test_scores.numpy().astype(np.float32),
+                        pairs=names(self.data.pairs), attr=np.array([s.attr for s in samples], dtype=str),
+                        obj=np.array([s.obj for s in samples], dtype=str), seen_pairs=names(self.data.train_pairs),
+                        eval_pairs=names(self.data.test_pairs))
     (d / RUN_FILES["history"]).write_text(json.dumps(self.history, indent=1))
     for world, res in results["test"].items():
         if world == "open_uncalibrated": continue
@@ -679,7 +723,8 @@ def _write_results(self: Learner, results: dict, test_scores: torch.Tensor) -> N
 def split_parameters(values: dict, method: str) -> tuple[dict, dict]:
     "Sort `values` into TrainConfig fields and the method's hyper-parameters; unknown names raise, listing both."
     run_names = {f.name for f in fields(TrainConfig)}
-    if method not in list_methods(): raise ValueError(f"parameter method={method!r}: unknown method; valid: {', '.join(list_methods())}")
+    if method not in list_methods():
+        raise ValueError(f"parameter method={method!r}: unknown method; valid: {', '.join(list_methods())}")
     method_names = set(get_method(method).defaults)
     unknown = sorted(set(values) - run_names - method_names)
     if unknown:
@@ -688,7 +733,7 @@ def split_parameters(values: dict, method: str) -> tuple[dict, dict]:
     return ({k: v for k, v in values.items() if k in run_names}, {k: v for k, v in values.items() if k in method_names})
 
 def resolve_parameters(values: dict) -> tuple[TrainConfig, dict]:
-    "A checked TrainConfig and the method's hyper-parameters from one flat dict of values (unset names keep their defaults)."
+    "A checked TrainConfig and the method's hyper-parameters from one flat dict of values (unset: the defaults)."
     run_values, method_params = split_parameters(values, values.get("method", TrainConfig.method))
     return TrainConfig(**run_values), method_params
 
@@ -700,12 +745,13 @@ def launched_externally() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 def launch(cfg: TrainConfig, method_params: dict | None = None, runs_root: Path | None = None) -> dict:
-    "Validate, prepare `runs/<run>`, train (here, in `cfg.num_processes` processes, or as one of a launched job); return metrics.json."
+    "Validate, prepare `runs/<run>`, train (here, in `cfg.num_processes` processes, or as part of a launched job)."
     method_params = method_params or {}
     if launched_externally():
         if cfg.num_processes > 1:
-            raise ValueError(f"parameter num_processes={cfg.num_processes}: this process was started by a distributed launcher, "
-                             "which already set the number of processes; leave num_processes at 1")
+            raise ValueError(f"parameter num_processes={cfg.num_processes}: this process was started by a "
+                             "distributed launcher, which already set the number of processes; "
+                             "leave num_processes at 1")
         state = PartialState(cpu=not cfg.uses_cuda)
         if state.is_main_process: prepare_run_dir(cfg, run_params(cfg, method_params), runs_root)
         state.wait_for_everyone()
@@ -720,6 +766,7 @@ def launch(cfg: TrainConfig, method_params: dict | None = None, runs_root: Path 
         _train_worker(cfg, run_dir, method_params)
     return json.loads((run_dir / RUN_FILES["metrics"]).read_text())
 
+# %% ../nbs/30_learner.ipynb #4892f9f5
 def load_run(run: str | Path, checkpoint: str = "best", **overrides) -> Learner:
     "A Learner for a finished or killed run, with its `best` or `last` checkpoint loaded (nothing is written)."
     run_dir = Path(run) if Path(run).is_dir() else runs_dir() / str(run)
@@ -739,7 +786,7 @@ def load_run(run: str | Path, checkpoint: str = "best", **overrides) -> Learner:
 RESULT_KEYS = ("auc", "best_hm", "best_seen", "best_unseen", "attr_acc", "obj_acc")
 
 def run_variant(run: str, method: str | None, dataset: str = "") -> str:
-    "What a run name says beyond its method and seed: `eva-full-s2` -> `full`; the default name `<method>-<dataset>-s<seed>` -> `default`."
+    "What a run name says beyond its method and seed: `eva-full-s2` -> `full`; `<method>-<dataset>-s<N>` -> `default`."
     rest = re.sub(r"-s\d+$", "", run)
     if method and rest.startswith(f"{method}-"): rest = rest[len(method) + 1:]
     return "default" if rest in (dataset, Path(dataset).name, "") else rest
@@ -753,7 +800,8 @@ def collect_runs(root: str | Path | None = None) -> "pd.DataFrame":
         params = read_run_params(path.parent) if (path.parent / RUN_FILES["params"]).exists() else {}
         dataset = m.get("dataset", "")
         for world, res in m["test"].items():
-            rows.append({"run": path.parent.name, "method": m.get("method"), "variant": run_variant(path.parent.name, m.get("method"), dataset),
+            rows.append({"run": path.parent.name, "method": m.get("method"),
+                         "variant": run_variant(path.parent.name, m.get("method"), dataset),
                          "dataset": Path(dataset).name or dataset,
                          "backbone": m.get("backbone"), "seed": m.get("seed"), "world": world, "epoch": m.get("epoch"),
                          "epochs": params.get("epochs"), "lr": params.get("lr"), "commit": m.get("git_commit"),
@@ -765,8 +813,9 @@ def summarize_runs(table: "pd.DataFrame", keys=("auc", "best_hm", "attr_acc", "o
     "`mean ± std` over seeds of each metric in `keys`, one row per group in `by`, with the number of seeds."
     import pandas as pd
     groups = table.groupby(list(by), sort=False)
-    out = pd.DataFrame({k: groups[k].mean().round(2).astype(str) + " ± " + groups[k].std(ddof=1).fillna(0).round(2).astype(str)
-                        for k in keys})
+    mean_std = lambda k: (groups[k].mean().round(2).astype(str) + " ± "
+                          + groups[k].std(ddof=1).fillna(0).round(2).astype(str))
+    out = pd.DataFrame({k: mean_std(k) for k in keys})
     out["seeds"] = groups.seed.nunique()
     return out.reset_index()
 
@@ -803,15 +852,16 @@ def parameters_cell() -> str:
              "from typing import Optional",
              'globals()["_kernel_names"] = set(globals())  # internal: what the kernel held before the parameters',
              "# run-level parameters (TrainConfig)"]
-    lines += [_parameter_line(f"{f.name}: {_plain_type(kinds[f.name])} = {defaults[f.name]!r}", _meaning(TrainConfig, f))
-              for f in fields(TrainConfig)]
+    lines += [_parameter_line(f"{f.name}: {_plain_type(kinds[f.name])} = {defaults[f.name]!r}",
+                              _meaning(TrainConfig, f)) for f in fields(TrainConfig)]
     lines.append("# method hyper-parameters: None keeps the method's default (each method's notebook has the table)")
     for name, uses in sorted(method_parameter_fields().items()):
         helps = {_meaning(get_method(m).Params, f) for m, f, _ in uses}
         types = {_plain_type(k) for _, _, k in uses}
         meaning = helps.pop() if len(helps) == 1 else "see each method's table"
         kind = types.pop() if len(types) == 1 else "object"
-        lines.append(_parameter_line(f"{name}: Optional[{kind}] = None", f"{'/'.join(m for m, _, _ in uses)}: {meaning}"))
+        users = "/".join(m for m, _, _ in uses)
+        lines.append(_parameter_line(f"{name}: Optional[{kind}] = None", f"{users}: {meaning}"))
     return "\n".join(lines)
 
 def notebook_parameters(namespace: dict) -> tuple[TrainConfig, dict]:
@@ -857,10 +907,12 @@ def cli_parameters(files: list[str], pairs: list[tuple[str, str]]) -> tuple[dict
         raise ValueError(f"{e} (set by {source[names[0]]})" if names else str(e)) from None
     return values, cfg, method_params
 
+# %% ../nbs/30_learner.ipynb #cd3991f2
 def train_cli(argv: list[str] | None = None) -> None:
-    "Console entry point `czsl-train [-f FILE ...] [-p NAME VALUE ...] [--check]`: papermill nbs/train.ipynb into runs/<run>/."
+    "Console entry point `czsl-train [-f FILE ...] [-p NAME VALUE ...] [--check]`: nbs/train.ipynb into runs/<run>/."
     import argparse, papermill
-    parser = argparse.ArgumentParser(description="Train and evaluate a CZSL method through nbs/train.ipynb (papermill).")
+    parser = argparse.ArgumentParser(
+        description="Train and evaluate a CZSL method through nbs/train.ipynb (papermill).")
     parser.add_argument("-f", "--parameters_file", action="append", default=[], metavar="FILE",
                         help="YAML recipe (configs/<method>/<benchmark>.yaml) or a run's params.yaml; later files win")
     parser.add_argument("-p", "--parameters", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),

@@ -10,11 +10,16 @@ import torch.nn.functional as F
 from .backbone import patch_to
 
 # %% auto #0
-__all__ = ['MEMORY_MODES', 'MEMORY_ALIASES', 'entropy', 'softmax_stats', 'lowest_entropy_slots', 'DynamicMemoryBank']
+__all__ = ['MEMORY_MODES', 'MEMORY_ALIASES', 'float32_only', 'entropy', 'softmax_stats', 'lowest_entropy_slots',
+           'DynamicMemoryBank']
 
 # %% ../nbs/13_memory_bank.ipynb #ac5932bd
 MEMORY_MODES = ("none", "static", "dynamic")
 MEMORY_ALIASES = {"seen_only": "static", "online": "dynamic"}  # the names of our first runs' params.yaml
+
+def float32_only(like: torch.Tensor):
+    "Autocast off on `like`'s device: the bank's cosines and entropies stay float32 under a bf16/fp16 run."
+    return torch.autocast(like.device.type, enabled=False)
 
 def entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
     "Shannon entropy (nats) of probability vectors along `dim`."
@@ -153,9 +158,10 @@ def _row_logits(self: DynamicMemoryBank, unit_query: torch.Tensor, temperature: 
 @patch_to(DynamicMemoryBank)
 def logits(self: DynamicMemoryBank, query: torch.Tensor, scale: float, temperature: float = 0.1) -> torch.Tensor:
     "[B, C] logits scale * v_q . P_i (softmax them for p_mb)."
-    unit = F.normalize(query.float(), dim=-1)
-    out = self._text_logits(unit)
-    out[:, self.owner[:self.n_rows]] = self._row_logits(unit, temperature)
+    with float32_only(query):
+        unit = F.normalize(query.float(), dim=-1)
+        out = self._text_logits(unit)
+        out[:, self.owner[:self.n_rows]] = self._row_logits(unit, temperature)
     return scale * out
 
 # %% ../nbs/13_memory_bank.ipynb #9cebf325
@@ -177,12 +183,13 @@ def update(self: DynamicMemoryBank, feature: torch.Tensor, probs: torch.Tensor) 
 def predict_then_update(self: DynamicMemoryBank, query: torch.Tensor, probs: torch.Tensor, scale: float,
                         temperature: float = 0.1) -> torch.Tensor:
     "[B, C] logits of each query with the bank as it stands before it, updating after each (in batch order)."
-    unit = F.normalize(query.float(), dim=-1)
-    text_logits = self._text_logits(unit)  # text rows do not change within the batch unless a row is stored
-    out = []
-    for b in range(len(unit)):
-        row = text_logits[b].clone()
-        row[self.owner[:self.n_rows]] = self._row_logits(unit[b:b + 1], temperature)[0]
-        out.append(scale * row)
-        self.update(unit[b], probs[b])
+    with float32_only(query):
+        unit = F.normalize(query.float(), dim=-1)
+        text_logits = self._text_logits(unit)  # text rows do not change within the batch unless a row is stored
+        out = []
+        for b in range(len(unit)):
+            row = text_logits[b].clone()
+            row[self.owner[:self.n_rows]] = self._row_logits(unit[b:b + 1], temperature)[0]
+            out.append(scale * row)
+            self.update(unit[b], probs[b])
     return torch.stack(out)

@@ -6,12 +6,13 @@
 from __future__ import annotations
 import importlib, importlib.metadata, json, math, pkgutil, re
 from dataclasses import dataclass, field, fields, asdict, MISSING
-from typing import Any, Callable, Literal, Sequence, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, get_args, get_origin, get_type_hints
 import torch
 from torch import nn
 from .backbone import CLIPBackbone
-from .core import METHODS, register
+from .core import METHODS, patch_to, register
 from .data import CompositionData, Pair
+if TYPE_CHECKING: import pandas as pd  # only for `params_table`'s annotation; pandas loads when a table is asked for
 
 # %% auto #0
 __all__ = ['METHOD_ENTRY_POINTS', 'LabelSpace', 'hparam', 'in_interval', 'coerce', 'Params', 'default_values', 'valid_values',
@@ -43,7 +44,7 @@ class LabelSpace:
 _INTERVAL = re.compile(r"^([\[(])\s*(-inf|[-+0-9.eE]+)\s*,\s*(inf|[-+0-9.eE]+)\s*([\])])$")
 
 def hparam(default, help: str, range: str | None = None):
-    "A typed dataclass field: the default, a one-line meaning (with the paper's symbol), for numbers an interval like '[0, 1)'."
+    "A typed dataclass field: the default, a one-line meaning (with the paper's symbol), for numbers an interval."
     if range is not None and not _INTERVAL.match(range):
         raise ValueError(f"range {range!r}: write an interval such as '[0, 1)', '(0, inf)' or '[1, inf)'")
     default_kind = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
@@ -53,7 +54,8 @@ def in_interval(value: float, interval: str) -> bool:
     "Whether `value` lies in an interval written like '[0, 1)'."
     low_bracket, low, high, high_bracket = _INTERVAL.match(interval).groups()
     low, high = float(low), float(high)
-    return (value >= low if low_bracket == "[" else value > low) and (value <= high if high_bracket == "]" else value < high)
+    above = value >= low if low_bracket == "[" else value > low
+    return above and (value <= high if high_bracket == "]" else value < high)
 
 # %% ../nbs/20_methods.ipynb #018de7bb
 def _coerce_number(value, kind):
@@ -92,7 +94,7 @@ def coerce(value, kind):
 
 # %% ../nbs/20_methods.ipynb #7a5515f8
 class Params:
-    "Base of typed parameter dataclasses: every field is coerced to its type and checked against its choices or interval."
+    "Base of typed parameter dataclasses: each field is coerced to its type and checked against its choices/interval."
     def __post_init__(self):
         kinds = get_type_hints(type(self))
         for f in fields(self):
@@ -100,7 +102,8 @@ class Params:
             try:
                 value = coerce(value, kinds[f.name])
                 interval = f.metadata.get("range")
-                if interval and not all(in_interval(v, interval) for v in (value if isinstance(value, list) else [value])):
+                values = value if isinstance(value, list) else [value]
+                if interval and not all(in_interval(v, interval) for v in values):
                     raise ValueError(f"out of range; valid: {interval}")
             except ValueError as e:
                 raise ValueError(f"{type(self).label}{f.name}={getattr(self, f.name)!r}: {e}") from None
@@ -177,61 +180,79 @@ class CZSLMethod(nn.Module):
 
     @property
     def selectable(self) -> bool:
-        "Whether the model after the current epoch may be selected: False while only part of it trains (an early stage)."
+        "Whether the model after the current epoch may be selected: False while only part of it trains."
         return True
 
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        "[B, D] pooled CLIP image features (float32); override to return tokens or more."
-        return self.backbone.encode_image(images)
+# %% ../nbs/20_methods.ipynb #55b0e9eb
+@patch_to(CZSLMethod)
+def image_features(self, images: torch.Tensor) -> torch.Tensor:
+    "[B, D] pooled CLIP image features (float32); override to return tokens or more."
+    return self.backbone.encode_image(images)
 
-    def feature_spec(self) -> str:
-        "What `image_features` computes, in the feature cache's key: methods that compute the same features share a cache."
-        if type(self).image_features is CZSLMethod.image_features: return "pooled"
-        return f"{type(self).__module__}.{type(self).__qualname__}:{json.dumps(self.hparams, sort_keys=True, default=str)}"
+@patch_to(CZSLMethod)
+def feature_spec(self) -> str:
+    "What `image_features` computes, in the feature cache's key: methods with the same features share a cache."
+    if type(self).image_features is CZSLMethod.image_features: return "pooled"
+    hparams = json.dumps(self.hparams, sort_keys=True, default=str)
+    return f"{type(self).__module__}.{type(self).__qualname__}:{hparams}"
 
-    def batch_features(self, batch: dict) -> torch.Tensor:
-        "The batch's cached `features`, or its `image`s encoded now (partner batches too)."
-        return batch["features"] if "features" in batch else self.image_features(batch["image"])
+@patch_to(CZSLMethod)
+def batch_features(self, batch: dict) -> torch.Tensor:
+    "The batch's cached `features`, or its `image`s encoded now (partner batches too)."
+    return batch["features"] if "features" in batch else self.image_features(batch["image"])
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        "The training loss terms; images are encoded here when the batch has no cached `features`."
-        return self.loss({**batch, "features": self.batch_features(batch)})
+@patch_to(CZSLMethod)
+def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    "The training loss terms; images are encoded here when the batch has no cached `features`."
+    return self.loss({**batch, "features": self.batch_features(batch)})
 
-    def on_fit_start(self, ctx) -> None:
-        "Before training (and before a resumed run restores its checkpoint): e.g. initialise memories from data."
-    def on_epoch_start(self, epoch: int, epochs: int) -> None:
-        "Before training epoch `epoch` (1-based) of `epochs`: e.g. switch training stages."
-    def on_fit_end(self, ctx) -> None:
-        "After the best epoch is reloaded, before testing; buffers set here are saved with the best checkpoint."
+# %% ../nbs/20_methods.ipynb #42945a70
+@patch_to(CZSLMethod)
+def on_fit_start(self, ctx) -> None:
+    "Before training (and before a resumed run restores its checkpoint): e.g. initialise memories from data."
+@patch_to(CZSLMethod)
+def on_epoch_start(self, epoch: int, epochs: int) -> None:
+    "Before training epoch `epoch` (1-based) of `epochs`: e.g. switch training stages."
+@patch_to(CZSLMethod)
+def on_fit_end(self, ctx) -> None:
+    "After the best epoch is reloaded, before testing; buffers set here are saved with the best checkpoint."
 
-    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        raise NotImplementedError(f"{type(self).__name__} is not trainable (trainable={self.trainable})")
+@patch_to(CZSLMethod)
+def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+    raise NotImplementedError(f"{type(self).__name__} is not trainable (trainable={self.trainable})")
 
-    def scorer(self, pair_ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        raise NotImplementedError(f"{type(self).__name__} must implement scorer(pair_ids)")
+@patch_to(CZSLMethod)
+def scorer(self, pair_ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    raise NotImplementedError(f"{type(self).__name__} must implement scorer(pair_ids)")
 
-    @torch.no_grad()
-    def scores(self, features: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
-        "[N, P] float32 logits of image features against the pairs (one-shot convenience over `scorer`)."
-        return self.scorer(pair_ids)(features)
+@patch_to(CZSLMethod)
+@torch.no_grad()
+def scores(self, features: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
+    "[N, P] float32 logits of image features against the pairs (one-shot convenience over `scorer`)."
+    return self.scorer(pair_ids)(features)
 
-    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
-        "One group with every trainable parameter; methods with per-part learning rates override."
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [{"params": params, "lr": lr, "weight_decay": weight_decay}] if params else []
+@patch_to(CZSLMethod)
+def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
+    "One group with every trainable parameter; methods with per-part learning rates override."
+    params = [p for p in self.parameters() if p.requires_grad]
+    return [{"params": params, "lr": lr, "weight_decay": weight_decay}] if params else []
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        "Trainable parameters and the method's own buffers: a checkpoint without the frozen backbone."
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v.detach().clone() for k, v in self.state_dict().items()
-                if k in trainable or not k.startswith("backbone.")}
+# %% ../nbs/20_methods.ipynb #5303d110
+@patch_to(CZSLMethod)
+def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+    "Trainable parameters and the method's own buffers: a checkpoint without the frozen backbone."
+    trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in self.state_dict().items()
+            if k in trainable or not k.startswith("backbone.")}
 
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        "Load a `trainable_state_dict`; every key must exist and every non-backbone key must be given."
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        not_frozen = [k for k in missing if not k.startswith("backbone.")]
-        if unexpected or not_frozen:
-            raise KeyError(f"checkpoint does not fit {type(self).__name__}: unexpected {unexpected}, missing {not_frozen}")
+@patch_to(CZSLMethod)
+def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    "Load a `trainable_state_dict`; every key must exist and every non-backbone key must be given."
+    missing, unexpected = self.load_state_dict(state, strict=False)
+    not_frozen = [k for k in missing if not k.startswith("backbone.")]
+    if unexpected or not_frozen:
+        raise KeyError(f"checkpoint does not fit {type(self).__name__}: "
+                       f"unexpected {unexpected}, missing {not_frozen}")
 
 # %% ../nbs/20_methods.ipynb #a1b2c3d4
 def composed_probability(logits: dict[str, torch.Tensor],  # "pair" [B, P], "attr" [B, |A|], "obj" [B, |O|]

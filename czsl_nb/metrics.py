@@ -4,17 +4,18 @@
 
 # %% ../nbs/02_metrics.ipynb #abe84e0e
 from __future__ import annotations
-import warnings
+import re, warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['BIAS_MAX', 'FLIP_OFFSET', 'N_BIAS_BINS', 'CHUNK_ELEMENTS', 'GLOVE_CUSTOM_MAP', 'FEASIBILITY_MODES', 'evaluate',
-           'brute_force_evaluate', 'random_world', 'assert_same_result', 'feasibility_scores', 'load_word_vectors',
-           'apply_feasibility', 'calibrate_feasibility', 'plot_curve']
+           'brute_force_evaluate', 'random_world', 'assert_same_result', 'feasibility_scores', 'WordVectorFile',
+           'load_word_vectors', 'apply_feasibility', 'calibrate_feasibility', 'plot_curve']
 
 # %% ../nbs/02_metrics.ipynb #fe805ad2
 BIAS_MAX = 1000.0   # protocol step 4: the "max unseen" end point of the curve
@@ -38,6 +39,7 @@ def _as_label_list(labels, name: str, fn: str) -> list:
         raise ValueError(f"{fn}: `{name}` must be one id per image (1-D), got shape {arr.shape}")
     return arr.tolist()
 
+# %% ../nbs/02_metrics.ipynb #475368c0
 class _PairIndex:
     "Maps (attr, obj) tuples to column indices of `pairs`."
     def __init__(self, pairs, fn: str):
@@ -126,7 +128,8 @@ def _prepare(scores, attr_labels, obj_labels, pairs, seen_pairs, eval_pairs, top
     candidate = np.ones(n_cols, bool) if eval_pairs is None else is_seen.copy()
     if eval_pairs is not None: candidate[index.pair_columns(eval_pairs, "eval_pairs", fn)] = True
     if topk > candidate.sum():
-        raise ValueError(f"{fn}: `topk`={topk} exceeds the {candidate.sum()} candidate pairs; expected topk <= candidates")
+        raise ValueError(f"{fn}: `topk`={topk} exceeds the {candidate.sum()} candidate pairs; "
+                         "expected topk <= candidates")
     gt_col = index.columns(attrs, objs)
     for i in np.flatnonzero((gt_col < 0) | ~candidate[np.maximum(gt_col, 0)])[:1]:
         where = ("is not a column of `pairs`" if gt_col[i] < 0 else
@@ -137,7 +140,6 @@ def _prepare(scores, attr_labels, obj_labels, pairs, seen_pairs, eval_pairs, top
     pad = np.full(int(topk), -1)
     return _Setup(n_images, n_cols, int(topk), eval_pairs is None, is_seen, candidate, gt_col,
                   np.concatenate([index.attr_code, pad]), np.concatenate([index.obj_code, pad]))
-    return s
 
 # %% ../nbs/02_metrics.ipynb #1ae4c777
 def _exact_topk(x: torch.Tensor, # [n, m] scores of one candidate group
@@ -272,7 +274,8 @@ def _mean(x) -> float:
     x = np.asarray(x, dtype=np.float64)
     return float(x.mean()) if x.size else 0.0
 
-def _summarise(s: _Setup, biases: list, correct: np.ndarray, attr_hit: dict, obj_hit: dict, unbiased: np.ndarray) -> dict:
+def _summarise(s: _Setup, biases: list, correct: np.ndarray, attr_hit: dict, obj_hit: dict,
+               unbiased: np.ndarray) -> dict:
     "Curve, AUC, best HM and friends from per-image correctness at every bias ([N, len(biases)])."
     seen = np.array([_mean(correct[~s.gt_unseen, j]) for j in range(len(biases))])
     unseen = np.array([_mean(correct[s.gt_unseen, j]) for j in range(len(biases))])
@@ -309,7 +312,8 @@ def _evaluate_prepared(scores, s: _Setup, chunk_size=None, column_filter=None, f
 def _as_scores(scores, fn: str):
     if isinstance(scores, (np.ndarray, torch.Tensor)): return scores
     try: return np.asarray(scores, dtype=np.float64)
-    except (TypeError, ValueError) as e: raise ValueError(f"{fn}: `scores` must be a numeric [images, pairs] array ({e})") from e
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{fn}: `scores` must be a numeric [images, pairs] array ({e})") from e
 
 def evaluate(scores,            # [N, P] scores (numpy or torch, any float dtype); columns are `pairs`
              attr_labels,       # [N] ground-truth attribute id per image (same ids as `pairs`)
@@ -332,7 +336,8 @@ def brute_force_evaluate(scores, attr_labels, obj_labels, pairs, seen_pairs, eva
     fn = "brute_force_evaluate"
     scores = _as_scores(scores, fn)
     s = _prepare(scores, attr_labels, obj_labels, pairs, seen_pairs, eval_pairs, topk, fn)
-    full = scores.detach().cpu().double().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores, np.float64)
+    if isinstance(scores, torch.Tensor): full = scores.detach().cpu().double().numpy()
+    else: full = np.asarray(scores, np.float64)
     cand = np.flatnonzero(s.candidate)
     cand_scores = full[:, cand]
     if np.isnan(cand_scores).any(): raise ValueError(f"{fn}: `scores` contains NaN in a candidate column")
@@ -392,7 +397,8 @@ def assert_same_result(a: dict, b: dict, tol: float = 1e-12):
         else: assert x == y, (key, x, y)
 
 # %% ../nbs/02_metrics.ipynb #720eff11
-def _max_cos_over_seen(vectors: torch.Tensor, seen_own: torch.Tensor, seen_other: torch.Tensor, n_other: int) -> torch.Tensor:
+def _max_cos_over_seen(vectors: torch.Tensor, seen_own: torch.Tensor, seen_other: torch.Tensor,
+                       n_other: int) -> torch.Tensor:
     "[n_other, n_own]: max over seen (x', other) with x' != x of cos(g(x), g(x')); -1 when there is none."
     g = F.normalize(vectors.float(), dim=1)
     rows = (g @ g[seen_own].T).T.contiguous()                 # [S, n_own]: cos(g(x), g(x'_s)) for every x
@@ -403,10 +409,12 @@ def _max_cos_over_seen(vectors: torch.Tensor, seen_own: torch.Tensor, seen_other
 def _int_pairs(pairs, name: str, n_attrs: int, n_objs: int, fn: str) -> torch.Tensor:
     arr = _as_pair_array(pairs, name, fn)
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{fn}: `{name}` must hold integer (attr id, obj id) pairs indexing the vectors, got dtype {arr.dtype}")
+        raise ValueError(f"{fn}: `{name}` must hold integer (attr id, obj id) pairs indexing the vectors, "
+                         f"got dtype {arr.dtype}")
     t = torch.as_tensor(arr.astype(np.int64)).reshape(-1, 2)
     if len(t) and (t.min() < 0 or t[:, 0].max() >= n_attrs or t[:, 1].max() >= n_objs):
-        raise ValueError(f"{fn}: `{name}` has ids outside [0, {n_attrs}) x [0, {n_objs}) (the rows of attr/obj vectors)")
+        raise ValueError(f"{fn}: `{name}` has ids outside [0, {n_attrs}) x [0, {n_objs}) "
+                         "(the rows of attr/obj vectors)")
     return t
 
 def feasibility_scores(pairs,        # [P, 2] integer (attr id, obj id) pairs
@@ -427,8 +435,49 @@ def feasibility_scores(pairs,        # [P, 2] integer (attr id, obj id) pairs
     is_seen = torch.tensor([key in seen_key for key in (p[:, 0] * n_objs + p[:, 1]).tolist()], dtype=torch.bool)
     return feas.masked_fill(is_seen, 0.0)
 
+# %% ../nbs/02_metrics.ipynb #9feea13f
+def _is_number(text: str) -> bool:
+    try: float(text); return True
+    except ValueError: return False
+
+class WordVectorFile:
+    "Word vectors from a GloVe-format text file: `word v1 ... vd` per line (GloVe, word2vec text, LLaVA embeddings)."
+    def __init__(self, path: str | Path,  # the text file
+                 words: Iterable[str] | None = None):  # parse only these words' lines (None: every line)
+        self.path = Path(path).expanduser()
+        if not self.path.is_file(): raise FileNotFoundError(f"{self.path}: word-vector file not found")
+        keep = None if words is None else set(words)
+        self.vectors: dict[str, np.ndarray] = {}
+        self.dim = 0
+        with self.path.open(encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                fields = line.rstrip().split(" ")
+                if not fields[0]: continue  # a blank line
+                if n == 1 and len(fields) == 2 and all(p.isdigit() for p in fields):  # word2vec header: count dim
+                    self.dim = int(fields[1]); continue
+                if len(fields) == 1: raise ValueError(f"{self.path}, line {n}: word {fields[0]!r} has no values")
+                self.dim = self.dim or len(fields) - 1
+                word = fields[0] if len(fields) - 1 <= self.dim else " ".join(fields[:len(fields) - self.dim])
+                if (keep is not None and word not in keep) or word in self.vectors: continue
+                if len(fields) - 1 < self.dim or (len(fields) - 1 > self.dim and _is_number(fields[1])):
+                    raise ValueError(f"{self.path}, line {n}: {len(fields) - 1} values, "
+                                     f"but earlier lines have {self.dim}")
+                try: self.vectors[word] = np.asarray(fields[-self.dim:], dtype=np.float32)
+                except ValueError:
+                    raise ValueError(f"{self.path}, line {n}: expected 'word v1 ... vd' "
+                                     "with numbers after the word") from None
+
+    def vector(self, name: str, custom_map: dict[str, str] | None = None) -> np.ndarray | None:
+        "The name's vector, else the mean of its `_`/`-`/space/`.` parts' vectors, else None."
+        key = (custom_map or {}).get(name, name)
+        if key in self.vectors and not re.search(r"[_\-]", key): return self.vectors[key]
+        parts = [p for p in re.split(r"[_\-\s.]+", key) if p]
+        found = [self.vectors.get(p, self.vectors.get(p.lower())) for p in parts]
+        found = [v for v in found if v is not None]
+        return np.mean(found, axis=0) if found else None
+
 # %% ../nbs/02_metrics.ipynb #0a294afc
-GLOVE_CUSTOM_MAP = {  # the czsl / CompCos GloVe loader's renames (UT-Zappos materials and shoe types, a few C-GQA names)
+GLOVE_CUSTOM_MAP = {  # the czsl / CompCos GloVe loader's renames (UT-Zappos materials and shoes, a few C-GQA names)
     "faux.fur": "fake_fur", "faux.leather": "fake_leather", "full.grain.leather": "thick_leather",
     "hair.calf": "hair_leather", "patent.leather": "shiny_leather", "boots.ankle": "ankle_boots",
     "boots.knee.high": "knee_high_boots", "boots.mid-calf": "midcalf_boots", "shoes.boat.shoes": "boat_shoes",
@@ -449,21 +498,15 @@ def load_word_vectors(path,             # GloVe-format text file
     names = [(custom_map or {}).get(n, n) for n in names]
     parts = [[p for p in n.replace(" ", "_").split("_") if p] for n in names]
     needed = {p for ps in parts for p in ps}
-    vectors, dim = {}, None
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, 1):
-            fields = line.rstrip().split(" ")
-            if dim is None: dim = len(fields) - 1
-            word = " ".join(fields[:len(fields) - dim])  # a few GloVe tokens contain spaces
-            if word in needed and word not in vectors:
-                if len(fields) - 1 < dim:
-                    raise ValueError(f"load_word_vectors: {path}:{line_no}: expected '{word}' followed by {dim} numbers")
-                vectors[word] = torch.tensor([float(v) for v in fields[-dim:]])
+    file = WordVectorFile(path, words=needed)
+    vectors = {w: torch.from_numpy(v) for w, v in file.vectors.items()}
     missing = sorted({w for w, ps in zip(words, parts) if not ps or any(p not in vectors for p in ps)})
     if missing:
         raise LookupError(f"load_word_vectors: {len(missing)} name(s) have no vector in {path}: {missing[:20]}"
-                       f"{' ...' if len(missing) > 20 else ''} (missing parts: {sorted(needed - set(vectors))[:20]})")
-    return torch.stack([torch.stack([vectors[p] for p in ps]).mean(0) for ps in parts]) if parts else torch.empty(0, dim or 0)
+                          f"{' ...' if len(missing) > 20 else ''} "
+                          f"(missing parts: {sorted(needed - set(vectors))[:20]})")
+    if not parts: return torch.empty(0, file.dim)
+    return torch.stack([torch.stack([vectors[p] for p in ps]).mean(0) for ps in parts])
 
 # %% ../nbs/02_metrics.ipynb #80118108
 FEASIBILITY_MODES = ("multiply", "mask")
@@ -472,7 +515,8 @@ def _feasibility_filter(feasibility, threshold: float, seen_mask, mode: str, n_c
     "A function (chunk, workspace) -> suppressed chunk, for [n, P] float tensors; never writes to the chunk."
     if mode not in FEASIBILITY_MODES:
         raise ValueError(f"{fn}: unknown `mode` {mode!r}; expected one of {', '.join(FEASIBILITY_MODES)}")
-    f = torch.as_tensor(np.asarray(feasibility.cpu() if isinstance(feasibility, torch.Tensor) else feasibility, np.float64))
+    if isinstance(feasibility, torch.Tensor): feasibility = feasibility.cpu()
+    f = torch.as_tensor(np.asarray(feasibility, np.float64))
     seen = torch.as_tensor(np.asarray(seen_mask.cpu() if isinstance(seen_mask, torch.Tensor) else seen_mask)).bool()
     if f.shape != (n_cols,) or seen.shape != (n_cols,):
         raise ValueError(f"{fn}: `feasibility` and `seen_mask` must have one entry per pair ({n_cols}), "

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from open_clip.loss import ClipLoss
-from .core import progress, seed_everything
+from .core import progress, seed_everything  # czsl_nb first: it lets torchvision (hence open_clip) import
 from .backbone import CLIPBackbone
 from .synthetic import load_corpus
+from open_clip.loss import ClipLoss
 
 # %% auto #0
 __all__ = ['MINI_CLIP_NAME', 'MINI_CLIP_CONFIG', 'COMPACT_FORMAT', 'MINI_CLIP_RECIPE', 'assets_dir', 'mini_clip_config_path',
@@ -47,7 +47,8 @@ COMPACT_FORMAT = "czsl_nb.mini_clip/1"
 
 def save_compact(model: torch.nn.Module, path: str | Path, token_ids: torch.Tensor) -> Path:
     "Save an open_clip model's state with only the `token_ids` rows of its token embedding, in float16."
-    state = {k: v.detach().to(torch.float16) if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(torch.float16) if v.is_floating_point() else v.detach()
+             for k, v in model.state_dict().items()}
     emb = state.pop("token_embedding.weight")
     token_ids = torch.unique(token_ids).long()
     torch.save({"format": COMPACT_FORMAT, "state": state, "token_ids": token_ids, "token_rows": emb[token_ids].clone(),
@@ -58,7 +59,8 @@ def load_compact(model: torch.nn.Module, path: str | Path) -> None:
     "Load a `save_compact` file into an open_clip model of the same config (untrained token rows become zero)."
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if blob.get("format") != COMPACT_FORMAT:
-        raise ValueError(f"{path}: not a compact mini-CLIP checkpoint (format {blob.get('format')!r}, expected {COMPACT_FORMAT!r})")
+        raise ValueError(f"{path}: not a compact mini-CLIP checkpoint "
+                         f"(format {blob.get('format')!r}, expected {COMPACT_FORMAT!r})")
     emb = torch.zeros_like(model.token_embedding.weight)
     emb[blob["token_ids"]] = blob["token_rows"].to(emb.dtype)
     state = {k: v.to(model.state_dict()[k].dtype) for k, v in blob["state"].items()}
@@ -69,16 +71,19 @@ def is_compact(path: str | Path) -> bool:
     except Exception: return False
 
 # %% ../nbs/03a_mini_clip.ipynb #8719fa2c
-def load_backbone(name: str = MINI_CLIP_NAME, pretrained: str | None = None, device: str = "cpu", **kwargs) -> CLIPBackbone:
+def load_backbone(name: str = MINI_CLIP_NAME, pretrained: str | None = None, device: str = "cpu",
+                  **kwargs) -> CLIPBackbone:
     "A `CLIPBackbone`: the shipped mini-CLIP by default, else any open_clip model/tag/file."
     if name != MINI_CLIP_NAME:
-        return CLIPBackbone.create(name, None if pretrained in (None, "", "none") else pretrained, device=device, **kwargs)
+        weights = None if pretrained in (None, "", "none") else pretrained
+        return CLIPBackbone.create(name, weights, device=device, **kwargs)
     bb = CLIPBackbone.create(mini_clip_config_path(), None, device=device, **kwargs)
     if pretrained in (None, "", "shipped"): pretrained = mini_clip_checkpoint_path()
     if pretrained != "none":
         path = Path(pretrained)
         if not path.is_file():
-            raise FileNotFoundError(f"mini-clip weights {path} not found; valid: 'shipped' (default), 'none', or a checkpoint file")
+            raise FileNotFoundError(f"mini-clip weights {path} not found; "
+                                    "valid: 'shipped' (default), 'none', or a checkpoint file")
         if is_compact(path): load_compact(bb.model, path)
         else: bb = CLIPBackbone.create(mini_clip_config_path(), path, device=device, **kwargs)
     return bb.to(device)
@@ -100,8 +105,10 @@ def _augment(batch: torch.Tensor, gen: torch.Generator, shift: int = 4) -> torch
     out[flip] = out[flip].flip(-1)
     return out
 
+# %% ../nbs/03a_mini_clip.ipynb #1c908555
 def pretrain_mini_clip(world_root: str | Path, steps: int = 700, batch_size: int = 256, lr: float = 1e-3,
-                       weight_decay: float = 0.1, warmup: int = 100, seed: int = 0, log_every: int = 50) -> tuple[CLIPBackbone, list[dict]]:
+                       weight_decay: float = 0.1, warmup: int = 100, seed: int = 0,
+                       log_every: int = 50) -> tuple[CLIPBackbone, list[dict]]:
     "Pretrain a fresh mini-CLIP with the CLIP loss on a world's caption corpus; returns it and a loss log."
     seed_everything(seed)
     images, records = load_corpus(world_root)
@@ -114,8 +121,10 @@ def pretrain_mini_clip(world_root: str | Path, steps: int = 700, batch_size: int
     model, loss_fn = bb.model.train(), ClipLoss()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=lr)
+    warm_cosine = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warm_cosine)
     gen = torch.Generator().manual_seed(seed)
     log, start, running = [], time.time(), 0.0
     for step in progress(range(1, steps + 1), "pretraining mini-CLIP"):
@@ -142,12 +151,13 @@ def corpus_token_ids(world_root: str | Path, bb: CLIPBackbone, extra_texts: tupl
 MINI_CLIP_RECIPE = dict(steps=700, batch_size=256, lr=1e-3, weight_decay=0.1, warmup=100, seed=0)
 
 def build_mini_clip(path: str | Path | None = None, world_seed: int = 0, **recipe) -> Path:
-    "Pretrain the mini-CLIP with `MINI_CLIP_RECIPE` on the default synthetic world; save the compact checkpoint and its log."
+    "Pretrain the mini-CLIP with `MINI_CLIP_RECIPE` on the default world; save the compact checkpoint and its log."
     from czsl_nb.synthetic import synthetic_world
     path = Path(path or mini_clip_checkpoint_path())
     root = synthetic_world(world_seed)
     recipe = {**MINI_CLIP_RECIPE, **recipe}
     bb, log = pretrain_mini_clip(root, **recipe)
     save_compact(bb.model, path, corpus_token_ids(root, bb, extra_texts=("a photo of x x",)))
-    path.with_name(path.stem + "-pretraining.json").write_text(json.dumps({"recipe": recipe, "world_seed": world_seed, "log": log}, indent=1))
+    record = {"recipe": recipe, "world_seed": world_seed, "log": log}
+    path.with_name(path.stem + "-pretraining.json").write_text(json.dumps(record, indent=1))
     return path

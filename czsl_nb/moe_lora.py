@@ -8,20 +8,21 @@ import math
 from contextlib import contextmanager
 from typing import Sequence
 import torch
-import torch.nn.functional as F
 from torch import nn
 from .backbone import CLIPBackbone
+from .core import patch_to
 
 # %% auto #0
 __all__ = ['AUX_LOSSES', 'TOWERS', 'LoRAExperts', 'MoELoRA', 'switch_balance_loss', 'expert_isolation_loss', 'MoEMLP',
-           'MoELoRAAdapter', 'add_moe_lora']
+           'add_moe_lora', 'MoELoRAAdapter']
 
 # %% ../nbs/11_moe_lora.ipynb #28e279ce
 class LoRAExperts(nn.Module):
     "N rank-r LoRA experts E_i(h) = B_i A_i h computed together; A Kaiming-uniform, B = 0."
     def __init__(self, n_experts: int, d_in: int, d_out: int, rank: int):
         super().__init__()
-        if min(n_experts, d_in, d_out, rank) < 1: raise ValueError("LoRAExperts needs n_experts, d_in, d_out, rank >= 1")
+        if min(n_experts, d_in, d_out, rank) < 1:
+            raise ValueError("LoRAExperts needs n_experts, d_in, d_out, rank >= 1")
         self.A = nn.Parameter(torch.empty(n_experts, rank, d_in))
         self.B = nn.Parameter(torch.zeros(n_experts, d_out, rank))
         for a in self.A.data: nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's (and peft's) init of A
@@ -61,7 +62,8 @@ class MoELoRA(nn.Module):
                  lora_alpha: float = 16.0):
         super().__init__()
         d_out = d_out or d_in
-        if n_routed < 0 or n_shared < 0 or n_routed + n_shared == 0: raise ValueError("MoELoRA needs at least one expert")
+        if n_routed < 0 or n_shared < 0 or n_routed + n_shared == 0:
+            raise ValueError("MoELoRA needs at least one expert")
         if n_routed and not 1 <= top_k <= n_routed: raise ValueError(f"top_k={top_k} must be in 1..n_routed={n_routed}")
         self.top_k, self.scale = top_k, lora_alpha / rank
         self.shared = LoRAExperts(n_shared, d_in, d_out, rank) if n_shared else None
@@ -79,7 +81,8 @@ class MoELoRA(nn.Module):
         "G [..., N_e] (softmax over the top-K logits, exactly 0 elsewhere) and the full router softmax [..., N_e]."
         logits = self.router(h)
         top = logits.topk(self.top_k, dim=-1)
-        gates = torch.zeros_like(logits).scatter(-1, top.indices, top.values.softmax(-1))
+        weights = top.values.softmax(-1)  # float32 under CUDA autocast, where the router's logits are bf16
+        gates = torch.zeros_like(logits, dtype=weights.dtype).scatter(-1, top.indices, weights)
         return gates, logits.softmax(-1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -94,17 +97,7 @@ class MoELoRA(nn.Module):
             tracked["isolation"].append(self.isolation_loss(h))
         return self.scale * out
 
-    def expert_outputs(self, h: torch.Tensor) -> torch.Tensor:
-        "[..., n_shared + n_routed, d_out]: s * E_i(h) for every expert (shared first), ungated."
-        parts = [e.each(h) for e in (self.shared, self.routed) if e is not None]
-        return self.scale * torch.cat(parts, dim=-2)
-
-    def isolation_loss(self, h: torch.Tensor) -> torch.Tensor:
-        "L_iso of the tokens h [..., d_in]: mean squared cosine between different experts' outputs (shared first)."
-        experts = [e for e in (self.shared, self.routed) if e is not None]
-        codes = torch.cat([e.codes(h) for e in experts], dim=-2)
-        return expert_isolation_loss(codes, torch.cat([e.B for e in experts]))
-
+# %% ../nbs/11_moe_lora.ipynb #346a27f3
 def switch_balance_loss(gates: torch.Tensor, probs: torch.Tensor, top_k: int) -> torch.Tensor:
     "N_e * sum_i f_i P_i over all tokens (1 when balanced); f from the (non-differentiable) top-K choice."
     n = gates.shape[-1]
@@ -123,6 +116,19 @@ def expert_isolation_loss(codes: torch.Tensor,  # [..., N, r] every expert's cod
     cos2 = gram.square() / (norms[:, :, None] * norms[:, None, :]).clamp_min(eps)  # B = 0: 0, not 0/0
     return cos2[:, ~torch.eye(n, dtype=torch.bool, device=codes.device)].mean()
 
+@patch_to(MoELoRA)
+def expert_outputs(self: MoELoRA, h: torch.Tensor) -> torch.Tensor:
+    "[..., n_shared + n_routed, d_out]: s * E_i(h) for every expert (shared first), ungated."
+    parts = [e.each(h) for e in (self.shared, self.routed) if e is not None]
+    return self.scale * torch.cat(parts, dim=-2)
+
+@patch_to(MoELoRA)
+def isolation_loss(self: MoELoRA, h: torch.Tensor) -> torch.Tensor:
+    "L_iso of the tokens h [..., d_in]: mean squared cosine between different experts' outputs (shared first)."
+    experts = [e for e in (self.shared, self.routed) if e is not None]
+    codes = torch.cat([e.codes(h) for e in experts], dim=-2)
+    return expert_isolation_loss(codes, torch.cat([e.B for e in experts]))
+
 # %% ../nbs/11_moe_lora.ipynb #c968115f
 class MoEMLP(nn.Module):
     "A transformer block's feed-forward `mlp` with a `MoELoRA` beside it: mlp(h) + moe(h)."
@@ -131,7 +137,8 @@ class MoEMLP(nn.Module):
         self.mlp, self.moe = mlp, moe
         self.capture, self.captured = False, None  # capture: keep (h, moe(h)) of token 0 from the next forward
 
-    def __getattr__(self, name: str):  # open_clip reads e.g. block.mlp.c_fc (for the cast dtype): the wrapped mlp answers
+    # open_clip reads e.g. block.mlp.c_fc (for the cast dtype): the wrapped mlp answers
+    def __getattr__(self, name: str):
         try: return super().__getattr__(name)
         except AttributeError: return getattr(self._modules["mlp"], name)
 
@@ -148,6 +155,30 @@ def _blocks(backbone: CLIPBackbone, tower: str) -> nn.ModuleList:
     if tower == "text": return backbone.model.transformer.resblocks
     raise ValueError(f"unknown tower {tower!r}; choose from {TOWERS}")
 
+def add_moe_lora(backbone: CLIPBackbone,
+                 towers: Sequence[str] = TOWERS,  # "image" and/or "text"
+                 layers: Sequence[int] | None = None,  # block indices per tower (negative = from the end); None = all
+                 n_routed: int = 8, n_shared: int = 1, top_k: int = 2, rank: int = 8,
+                 lora_alpha: float = 16.0) -> MoELoRAAdapter:
+    "Put a `MoELoRA` beside the feed-forward of the chosen blocks of each tower (in place)."
+    if isinstance(towers, str): towers = (towers,)
+    wrappers = {}
+    for tower in towers:
+        blocks = _blocks(backbone, tower)
+        chosen = range(len(blocks)) if layers is None else sorted({int(i) % len(blocks) for i in layers})
+        if layers is not None and any(not -len(blocks) <= int(i) < len(blocks) for i in layers):
+            raise ValueError(f"layers {list(layers)} out of range for the {tower} tower's {len(blocks)} blocks")
+        wrappers[tower] = []
+        for i in chosen:
+            block = blocks[i]
+            if isinstance(block.mlp, MoEMLP): raise ValueError(f"{tower} block {i} already has a MoE-LoRA")
+            width = block.ln_2.normalized_shape[0]
+            moe = MoELoRA(width, width, n_routed, n_shared, top_k, rank, lora_alpha).to(backbone.device)
+            block.mlp = MoEMLP(block.mlp, moe)
+            wrappers[tower].append(block.mlp)
+    return MoELoRAAdapter(backbone, wrappers)
+
+# %% ../nbs/11_moe_lora.ipynb #5ae557fc
 class MoELoRAAdapter:
     "Handle on the MoE-LoRA wrappers `add_moe_lora` put into a backbone's blocks."
     def __init__(self, backbone: CLIPBackbone, wrappers: dict[str, list[MoEMLP]]):
@@ -176,41 +207,20 @@ class MoELoRAAdapter:
         "Within the block, every routed forward appends its load-balancing loss to the yielded list."
         with self.tracking("balance") as terms: yield terms["balance"]
 
-    def image_variants(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "The image features [B, D] and the per-expert variants [B, n_shared + n_routed, D] (unnormalised)."
-        bb, visual = self.backbone, self.backbone._vit()
-        last = visual.transformer.resblocks[-1].mlp
-        if not self.wrappers.get("image") or last is not self.wrappers["image"][-1]:
-            raise ValueError("image variants need the MoE-LoRA in the last image block")
-        last.capture = True
-        try: out = bb.image_tokens(images, layers=(-1,))
-        finally: last.capture = False
-        (h, delta), last.captured = last.captured, None
-        block = visual.transformer.resblocks[-1]
-        pre = out.hidden[-1][:, :1] + block.ls_2(last.moe.expert_outputs(h) - delta[:, None])  # u + FFN(h) + s E_i(h)
-        variants = visual.ln_post(pre)
-        if visual.proj is not None: variants = variants @ visual.proj
-        return out.pooled, variants.float()
-
-def add_moe_lora(backbone: CLIPBackbone,
-                 towers: Sequence[str] = TOWERS,  # "image" and/or "text"
-                 layers: Sequence[int] | None = None,  # block indices per tower (negative = from the end); None = all
-                 n_routed: int = 8, n_shared: int = 1, top_k: int = 2, rank: int = 8,
-                 lora_alpha: float = 16.0) -> MoELoRAAdapter:
-    "Put a `MoELoRA` beside the feed-forward of the chosen blocks of each tower (in place)."
-    if isinstance(towers, str): towers = (towers,)
-    wrappers = {}
-    for tower in towers:
-        blocks = _blocks(backbone, tower)
-        chosen = range(len(blocks)) if layers is None else sorted({int(i) % len(blocks) for i in layers})
-        if layers is not None and any(not -len(blocks) <= int(i) < len(blocks) for i in layers):
-            raise ValueError(f"layers {list(layers)} out of range for the {tower} tower's {len(blocks)} blocks")
-        wrappers[tower] = []
-        for i in chosen:
-            block = blocks[i]
-            if isinstance(block.mlp, MoEMLP): raise ValueError(f"{tower} block {i} already has a MoE-LoRA")
-            width = block.ln_2.normalized_shape[0]
-            moe = MoELoRA(width, width, n_routed, n_shared, top_k, rank, lora_alpha).to(backbone.device)
-            block.mlp = MoEMLP(block.mlp, moe)
-            wrappers[tower].append(block.mlp)
-    return MoELoRAAdapter(backbone, wrappers)
+# %% ../nbs/11_moe_lora.ipynb #93fbdc01
+@patch_to(MoELoRAAdapter)
+def image_variants(self: MoELoRAAdapter, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "The image features [B, D] and the per-expert variants [B, n_shared + n_routed, D] (unnormalised)."
+    bb, visual = self.backbone, self.backbone._vit()
+    last = visual.transformer.resblocks[-1].mlp
+    if not self.wrappers.get("image") or last is not self.wrappers["image"][-1]:
+        raise ValueError("image variants need the MoE-LoRA in the last image block")
+    last.capture = True
+    try: out = bb.image_tokens(images, layers=(-1,))
+    finally: last.capture = False
+    (h, delta), last.captured = last.captured, None
+    block = visual.transformer.resblocks[-1]
+    pre = out.hidden[-1][:, :1] + block.ls_2(last.moe.expert_outputs(h) - delta[:, None])  # u + FFN(h) + s E_i(h)
+    variants = visual.ln_post(pre)
+    if visual.proj is not None: variants = variants @ visual.proj
+    return out.pooled, variants.float()

@@ -32,7 +32,8 @@ class SlotTemplate(nn.Module):
         super().__init__()
         ids = backbone.tokenize([template])[0]
         eot = int(ids.argmax())
-        if eot - n_slots < 1: raise ValueError(f"template {template!r} has fewer than {n_slots} words to turn into slots")
+        if eot - n_slots < 1:
+            raise ValueError(f"template {template!r} has fewer than {n_slots} words to turn into slots")
         self.register_buffer("ids", ids, persistent=False)
         self.slots = list(range(eot - n_slots, eot))
         self.template = template
@@ -72,7 +73,7 @@ class PrimitiveVocabulary(nn.Module):
 
 # %% ../nbs/10_prompts.ipynb #f1c2d3e4
 class ContextPrompt(nn.Module):
-    "Soft prompt `[SOT][ctx_1..ctx_m][v_1..v_k][suffix][EOT]`: learned context vectors (initialised from `context`'s words) before `k` slots."
+    "Soft prompt `[SOT][ctx_1..ctx_m][v_1..v_k][suffix][EOT]`: a learned context (from `context`'s words), `k` slots."
     def __init__(self, backbone: CLIPBackbone, context: str = "a photo of", n_slots: int = 1,
                  suffix: str = ""):  # fixed words after the slots (Troika's attribute prompt: "object")
         super().__init__()
@@ -88,7 +89,8 @@ class ContextPrompt(nn.Module):
 
     def forward(self, backbone: CLIPBackbone, slot_vectors: Sequence[torch.Tensor]) -> torch.Tensor:
         "[P, D] L2-normalised text features of the prompts whose slots hold `slot_vectors` ($k$ tensors [P, D_t])."
-        if len(slot_vectors) != self.n_slots: raise ValueError(f"expected {self.n_slots} slot tensors, got {len(slot_vectors)}")
+        if len(slot_vectors) != self.n_slots:
+            raise ValueError(f"expected {self.n_slots} slot tensors, got {len(slot_vectors)}")
         n = slot_vectors[0].shape[0]
         context = [row.expand(n, -1) for row in self.context]
         ids, emb = self.template.embed(backbone, [*context, *slot_vectors])

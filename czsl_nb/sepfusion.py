@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from .core import register
+from .core import patch_to, register
 from .methods import CZSLMethod, Params, composed_probability, hparam
 from .fusion import FUSION_ORDERS, PROMPT_KINDS, ModalFusionSynthesizer, SeparatedPrompts
 
@@ -48,9 +48,9 @@ class SepFusion(CZSLMethod):
         hp = self.hparams
         self.backbone.freeze("all")
         self.register_buffer("seen_ids", space.seen_ids, persistent=False)
-        self.prompts = SeparatedPrompts(backbone, space.attrs, space.objs, pair=hp["pair_prompt"], state=hp["state_prompt"],
-                                        object=hp["object_prompt"], context=hp["context"], attr_dropout=hp["attr_dropout"],
-                                        cache_pairs=self.seen_ids)
+        self.prompts = SeparatedPrompts(backbone, space.attrs, space.objs, pair=hp["pair_prompt"],
+                                        state=hp["state_prompt"], object=hp["object_prompt"], context=hp["context"],
+                                        attr_dropout=hp["attr_dropout"], cache_pairs=self.seen_ids)
         self.fusion = ModalFusionSynthesizer(backbone.embed_dim, hp["fusion"], heads=hp["fusion_heads"],
                                              ffn_ratio=hp["fusion_ffn_ratio"], gate_init=hp["fusion_gate_init"])
         self.trainable = any(p.requires_grad for p in self.parameters())
@@ -64,72 +64,84 @@ class SepFusion(CZSLMethod):
         scale = self.backbone.logit_scale.float().exp()
         return scale * torch.einsum("bd,bnd->bn", F.normalize(image, dim=-1), F.normalize(text, dim=-1))
 
-    def image_block(self, n_pairs: int) -> int:
-        "How many images are fused with a chunk of `n_pairs` compositions at once."
-        return max(1, self.fusion_images * self.pair_chunk_size // max(1, n_pairs))
+# %% ../nbs/26_sepfusion.ipynb #dd7de1d9
+@patch_to(SepFusion)
+def image_block(self: SepFusion, n_pairs: int) -> int:
+    "How many images are fused with a chunk of `n_pairs` compositions at once."
+    return max(1, self.fusion_images * self.pair_chunk_size // max(1, n_pairs))
 
-    def all_logits(self, tokens: torch.Tensor, pair_ids: torch.Tensor):
-        "$z^{pair}$ [B, P] of `pair_ids`, $z^s$ [B, A] and $z^o$ [B, O] of image tokens [B, 1+L, D]."
-        fused = self.fusion(tokens, *self.prompts.primitive_features(self.backbone))
-        pair_text = self.prompts.pair_features(self.backbone, pair_ids, self.pair_chunk_size)
-        z_pair = self._pair_logits(tokens, fused.image, pair_text)
-        return z_pair, self._logits(fused.image, fused.state), self._logits(fused.image, fused.object)
+@patch_to(SepFusion)
+def all_logits(self: SepFusion, tokens: torch.Tensor, pair_ids: torch.Tensor):
+    "$z^{pair}$ [B, P] of `pair_ids`, $z^s$ [B, A] and $z^o$ [B, O] of image tokens [B, 1+L, D]."
+    fused = self.fusion(tokens, *self.prompts.primitive_features(self.backbone))
+    pair_text = self.prompts.pair_features(self.backbone, pair_ids, self.pair_chunk_size)
+    z_pair = self._pair_logits(tokens, fused.image, pair_text)
+    return z_pair, self._logits(fused.image, fused.state), self._logits(fused.image, fused.object)
 
-    def _fused_pair_logits(self, tokens: torch.Tensor, image: torch.Tensor, pair_text: torch.Tensor) -> torch.Tensor:
-        "[b, c] logits of fused images [b, D] against pair features [c, D] fused with each image's tokens [b, 1+L, D]."
-        return self._logits(image, self.fusion.fuse_pair(tokens, pair_text))
+@patch_to(SepFusion)
+def _fused_pair_logits(self: SepFusion, tokens: torch.Tensor, image: torch.Tensor,
+                       pair_text: torch.Tensor) -> torch.Tensor:
+    "[b, c] logits of fused images [b, D] against pair features [c, D] fused with each image's tokens [b, 1+L, D]."
+    return self._logits(image, self.fusion.fuse_pair(tokens, pair_text))
 
-    def _pair_logits(self, tokens: torch.Tensor, image: torch.Tensor, pair_text: torch.Tensor) -> torch.Tensor:
-        "[B, P] pair logits, `pair_chunk_size` pairs times `image_block` images at a time: no [B, P, D] tensor exists."
-        n_images, n_pairs = len(tokens), len(pair_text)
-        chunk = max(1, min(self.pair_chunk_size, n_pairs))
-        block = self.image_block(chunk)
-        if n_images <= block and n_pairs <= chunk: return self._fused_pair_logits(tokens, image, pair_text)
-        images, pairs = range(0, n_images, block), range(0, n_pairs, chunk)
-        if torch.is_grad_enabled():  # backward recomputes each step, so only one step's activations are alive at a time
-            step = lambda i, j: checkpoint(self._fused_pair_logits, tokens[i:i + block], image[i:i + block],
-                                           pair_text[j:j + chunk], use_reentrant=False)
-            return torch.cat([torch.cat([step(i, j) for i in images]) for j in pairs], dim=1)
-        out = torch.empty(n_images, n_pairs, device=tokens.device)
-        for j in pairs:
-            for i in images:
-                out[i:i + block, j:j + chunk] = self._fused_pair_logits(tokens[i:i + block], image[i:i + block],
-                                                                        pair_text[j:j + chunk])
+@patch_to(SepFusion)
+def _pair_logits(self: SepFusion, tokens: torch.Tensor, image: torch.Tensor, pair_text: torch.Tensor) -> torch.Tensor:
+    "[B, P] pair logits, `pair_chunk_size` pairs times `image_block` images at a time: no [B, P, D] tensor exists."
+    n_images, n_pairs = len(tokens), len(pair_text)
+    chunk = max(1, min(self.pair_chunk_size, n_pairs))
+    block = self.image_block(chunk)
+    if n_images <= block and n_pairs <= chunk: return self._fused_pair_logits(tokens, image, pair_text)
+    images, pairs = range(0, n_images, block), range(0, n_pairs, chunk)
+    if torch.is_grad_enabled():  # backward recomputes each step, so only one step's activations are alive at a time
+        step = lambda i, j: checkpoint(self._fused_pair_logits, tokens[i:i + block], image[i:i + block],
+                                       pair_text[j:j + chunk], use_reentrant=False)
+        return torch.cat([torch.cat([step(i, j) for i in images]) for j in pairs], dim=1)
+    out = torch.empty(n_images, n_pairs, device=tokens.device)
+    for j in pairs:
+        for i in images:
+            out[i:i + block, j:j + chunk] = self._fused_pair_logits(tokens[i:i + block], image[i:i + block],
+                                                                    pair_text[j:j + chunk])
+    return out
+
+# %% ../nbs/26_sepfusion.ipynb #2df66f66
+@patch_to(SepFusion)
+def loss(self: SepFusion, batch: dict) -> dict[str, torch.Tensor]:
+    hp = self.hparams
+    z_pair, z_state, z_obj = self.all_logits(self.batch_features(batch).float(), self.seen_ids)
+    terms = {"pair_loss": F.cross_entropy(z_pair, batch["pair"])}
+    if hp["state_weight"]: terms["state_loss"] = hp["state_weight"] * F.cross_entropy(z_state, batch["attr"])
+    if hp["object_weight"]: terms["object_loss"] = hp["object_weight"] * F.cross_entropy(z_obj, batch["obj"])
+    if hp["comp_weight"]:
+        composed = F.log_softmax(z_state, -1)[:, self.seen_ids[:, 0]] + F.log_softmax(z_obj, -1)[:, self.seen_ids[:, 1]]
+        terms["comp_loss"] = hp["comp_weight"] * F.cross_entropy(composed, batch["pair"])
+    return terms
+
+# %% ../nbs/26_sepfusion.ipynb #1c019884
+@patch_to(SepFusion)
+def combine(self: SepFusion, z_pair: torch.Tensor, z_state: torch.Tensor, z_obj: torch.Tensor,
+            pair_ids: torch.Tensor) -> torch.Tensor:
+    "[B, P] p_pair(a,o) + w p_s(a) p_o(o) over the candidate pairs `pair_ids` (`composed_probability`)."
+    logits, w = {"pair": z_pair, "attr": z_state, "obj": z_obj}, self.hparams["primitive_score_weight"]
+    if torch.is_grad_enabled(): return composed_probability(logits, pair_ids, w)
+    out = z_pair.softmax(-1)  # scoring: the primitive term is added in place, a pair chunk at a time
+    p_attr, p_obj = z_state.softmax(-1), z_obj.softmax(-1)
+    for ids, part in zip(pair_ids.split(self.pair_chunk_size), out.split(self.pair_chunk_size, dim=1)):
+        part += w * p_attr[:, ids[:, 0]] * p_obj[:, ids[:, 1]]
+    return out
+
+@patch_to(SepFusion)
+@torch.no_grad()
+def scorer(self: SepFusion, pair_ids: torch.Tensor):
+    pair_text = self.prompts.pair_features(self.backbone, pair_ids, self.pair_chunk_size)  # [P, D], kept
+    state, obj = self.prompts.primitive_features(self.backbone)
+    block = self.image_block(min(self.pair_chunk_size, len(pair_ids)))
+    def score(tokens: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(len(tokens), len(pair_ids), device=tokens.device)
+        for i in range(0, len(tokens), block):  # per image block: its primitives' fusion, then its pair chunks
+            part = tokens[i:i + block].float()
+            fused = self.fusion(part, state, obj)
+            z_pair = self._pair_logits(part, fused.image, pair_text)
+            out[i:i + block] = self.combine(z_pair, self._logits(fused.image, fused.state),
+                                            self._logits(fused.image, fused.object), pair_ids)
         return out
-
-    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        hp = self.hparams
-        z_pair, z_state, z_obj = self.all_logits(self.batch_features(batch).float(), self.seen_ids)
-        terms = {"pair_loss": F.cross_entropy(z_pair, batch["pair"])}
-        if hp["state_weight"]: terms["state_loss"] = hp["state_weight"] * F.cross_entropy(z_state, batch["attr"])
-        if hp["object_weight"]: terms["object_loss"] = hp["object_weight"] * F.cross_entropy(z_obj, batch["obj"])
-        if hp["comp_weight"]:
-            composed = F.log_softmax(z_state, -1)[:, self.seen_ids[:, 0]] + F.log_softmax(z_obj, -1)[:, self.seen_ids[:, 1]]
-            terms["comp_loss"] = hp["comp_weight"] * F.cross_entropy(composed, batch["pair"])
-        return terms
-
-    def combine(self, z_pair: torch.Tensor, z_state: torch.Tensor, z_obj: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
-        "[B, P] p_pair(a,o) + w p_s(a) p_o(o) over the candidate pairs `pair_ids` (`composed_probability`)."
-        logits, w = {"pair": z_pair, "attr": z_state, "obj": z_obj}, self.hparams["primitive_score_weight"]
-        if torch.is_grad_enabled(): return composed_probability(logits, pair_ids, w)
-        out = z_pair.softmax(-1)  # scoring: the primitive term is added in place, a pair chunk at a time
-        p_attr, p_obj = z_state.softmax(-1), z_obj.softmax(-1)
-        for ids, part in zip(pair_ids.split(self.pair_chunk_size), out.split(self.pair_chunk_size, dim=1)):
-            part += w * p_attr[:, ids[:, 0]] * p_obj[:, ids[:, 1]]
-        return out
-
-    @torch.no_grad()
-    def scorer(self, pair_ids: torch.Tensor):
-        pair_text = self.prompts.pair_features(self.backbone, pair_ids, self.pair_chunk_size)  # [P, D], kept
-        state, obj = self.prompts.primitive_features(self.backbone)
-        block = self.image_block(min(self.pair_chunk_size, len(pair_ids)))
-        def score(tokens: torch.Tensor) -> torch.Tensor:
-            out = torch.empty(len(tokens), len(pair_ids), device=tokens.device)
-            for i in range(0, len(tokens), block):  # per image block: its primitives' fusion, then its pair chunks
-                part = tokens[i:i + block].float()
-                fused = self.fusion(part, state, obj)
-                z_pair = self._pair_logits(part, fused.image, pair_text)
-                out[i:i + block] = self.combine(z_pair, self._logits(fused.image, fused.state),
-                                                self._logits(fused.image, fused.object), pair_ids)
-            return out
-        return torch.no_grad()(score)
+    return torch.no_grad()(score)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from .core import cache_dir
+from .core import cache_dir, patch_to
 from .data import CompositionData, write_layout
 
 # %% auto #0
@@ -70,32 +70,7 @@ class WorldConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "states", tuple(self.states)); object.__setattr__(self, "objects", tuple(self.objects))
-        for name, given, vocab in (("states", self.states, STATES), ("objects", self.objects, OBJECTS)):
-            unknown = [v for v in given if v not in vocab]
-            if unknown or len(set(given)) != len(given) or len(given) < 2:
-                raise ValueError(f"WorldConfig.{name}={given!r}: need at least 2 distinct names from {', '.join(vocab)}")
-        n = len(self.states)
-        if len(self.objects) != n:
-            raise ValueError(f"WorldConfig: states ({n}) and objects ({len(self.objects)}) must have the same count "
-                             "(seen pairs are a union of state->object permutations)")
-        if not 1 <= self.seen_per_primitive <= n // 2:
-            raise ValueError(f"WorldConfig.seen_per_primitive={self.seen_per_primitive}: must be in 1..{n // 2} for {n} primitives")
-        seen, unseen = n * self.seen_per_primitive, n * n - n * self.seen_per_primitive
-        if max(self.val_seen, self.test_seen) > seen or min(self.val_seen, self.test_seen) < 0:
-            raise ValueError(f"WorldConfig: val_seen={self.val_seen}, test_seen={self.test_seen} must be in 0..{seen} (seen pairs)")
-        if self.val_unseen < 1 or self.test_unseen < 1 or self.val_unseen + self.test_unseen > unseen:
-            raise ValueError(f"WorldConfig: val_unseen={self.val_unseen} + test_unseen={self.test_unseen} must be >= 1 each "
-                             f"and fit in the {unseen} unseen pairs")
-        for name in ("image_size", "train_per_pair", "val_per_pair", "test_per_pair"):
-            if getattr(self, name) < (16 if name == "image_size" else 1):
-                raise ValueError(f"WorldConfig.{name}={getattr(self, name)} is too small")
-        lo, hi = self.label_word_rate
-        if not 0 <= lo <= hi <= 1:
-            raise ValueError(f"WorldConfig.label_word_rate={self.label_word_rate}: need 0 <= low <= high <= 1")
-        object.__setattr__(self, "label_word_rate", (float(lo), float(hi)))
-        if not 0 <= self.label_bleed <= 1: raise ValueError(f"WorldConfig.label_bleed={self.label_bleed}: need 0 <= label_bleed <= 1")
-        if self.corpus_size < 0 or not 0 <= self.max_distractors <= 4:
-            raise ValueError(f"WorldConfig: corpus_size={self.corpus_size} must be >= 0, max_distractors={self.max_distractors} in 0..4")
+        self._validate()
 
     @classmethod
     def make(cls, **config) -> WorldConfig:
@@ -109,6 +84,41 @@ class WorldConfig:
         "Short hash of the configuration and the generator version."
         text = json.dumps({"version": WORLD_VERSION, **asdict(self)}, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+# %% ../nbs/01a_synthetic_world.ipynb #3b813435
+@patch_to(WorldConfig)
+def _validate(self):
+    "Raise a ValueError naming the field when the configuration cannot make a world."
+    for name, given, vocab in (("states", self.states, STATES), ("objects", self.objects, OBJECTS)):
+        unknown = [v for v in given if v not in vocab]
+        if unknown or len(set(given)) != len(given) or len(given) < 2:
+            raise ValueError(f"WorldConfig.{name}={given!r}: need at least 2 distinct names from {', '.join(vocab)}")
+    n = len(self.states)
+    if len(self.objects) != n:
+        raise ValueError(f"WorldConfig: states ({n}) and objects ({len(self.objects)}) must have the same count "
+                         "(seen pairs are a union of state->object permutations)")
+    if not 1 <= self.seen_per_primitive <= n // 2:
+        raise ValueError(f"WorldConfig.seen_per_primitive={self.seen_per_primitive}: "
+                         f"must be in 1..{n // 2} for {n} primitives")
+    seen, unseen = n * self.seen_per_primitive, n * n - n * self.seen_per_primitive
+    if max(self.val_seen, self.test_seen) > seen or min(self.val_seen, self.test_seen) < 0:
+        raise ValueError(f"WorldConfig: val_seen={self.val_seen}, test_seen={self.test_seen} "
+                         f"must be in 0..{seen} (seen pairs)")
+    if self.val_unseen < 1 or self.test_unseen < 1 or self.val_unseen + self.test_unseen > unseen:
+        raise ValueError(f"WorldConfig: val_unseen={self.val_unseen} + test_unseen={self.test_unseen} "
+                         f"must be >= 1 each and fit in the {unseen} unseen pairs")
+    for name in ("image_size", "train_per_pair", "val_per_pair", "test_per_pair"):
+        if getattr(self, name) < (16 if name == "image_size" else 1):
+            raise ValueError(f"WorldConfig.{name}={getattr(self, name)} is too small")
+    lo, hi = self.label_word_rate
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"WorldConfig.label_word_rate={self.label_word_rate}: need 0 <= low <= high <= 1")
+    object.__setattr__(self, "label_word_rate", (float(lo), float(hi)))
+    if not 0 <= self.label_bleed <= 1:
+        raise ValueError(f"WorldConfig.label_bleed={self.label_bleed}: need 0 <= label_bleed <= 1")
+    if self.corpus_size < 0 or not 0 <= self.max_distractors <= 4:
+        raise ValueError(f"WorldConfig: corpus_size={self.corpus_size} must be >= 0, "
+                         f"max_distractors={self.max_distractors} in 0..4")
 
 # %% ../nbs/01a_synthetic_world.ipynb #f4884b14
 SUPERSAMPLE = 2
@@ -128,7 +138,8 @@ def _star(n=5, outer=1.0, inner=0.42):
 SHAPES = {  # object -> [(unit polygon [K, 2], True to add / False to cut), ...]
     "ball":   [(_ellipse(0, 0, 0.95, 0.95), True)],
     "box":    [(_rect(-0.78, -0.5, 0.78, 0.92), True), (_rect(-0.95, -0.86, 0.95, -0.5), True)],
-    "tent":   [(_poly((0, -0.95), (1.0, 0.85), (-1.0, 0.85)), True), (_poly((0, 0.1), (0.32, 0.85), (-0.32, 0.85)), False)],
+    "tent":   [(_poly((0, -0.95), (1.0, 0.85), (-1.0, 0.85)), True),
+               (_poly((0, 0.1), (0.32, 0.85), (-0.32, 0.85)), False)],
     "star":   [(_star(), True)],
     "heart":  [(_ellipse(-0.45, -0.38, 0.52, 0.5), True), (_ellipse(0.45, -0.38, 0.52, 0.5), True),
                (_poly((-0.94, -0.22), (0.94, -0.22), (0, 0.95)), True)],
@@ -138,7 +149,8 @@ SHAPES = {  # object -> [(unit polygon [K, 2], True to add / False to cut), ...]
                (_rect(0.38, -0.85, 0.62, -0.35), True), (_rect(-0.17, 0.42, 0.17, 0.95), False)],
     "kite":   [(_poly((0, -1.0), (0.62, -0.3), (0, 0.62), (-0.62, -0.3)), True),
                (_poly((-0.04, 0.55), (0.04, 0.55), (0.2, 1.0), (0.12, 1.0)), True),
-               (_poly((0.0, 0.72), (0.28, 0.64), (0.28, 0.86)), True), (_poly((0.08, 0.85), (-0.18, 0.78), (-0.14, 1.0)), True)],
+               (_poly((0.0, 0.72), (0.28, 0.64), (0.28, 0.86)), True),
+               (_poly((0.08, 0.85), (-0.18, 0.78), (-0.14, 1.0)), True)],
     "bottle": [(_rect(-0.42, -0.15, 0.42, 1.0), True), (_ellipse(0, -0.15, 0.42, 0.28), True),
                (_rect(-0.15, -0.9, 0.15, -0.3), True), (_rect(-0.21, -1.0, 0.21, -0.8), True)],
     "arrow":  [(_rect(-1.0, -0.14, 0.25, 0.14), True), (_poly((0.15, -0.55), (1.0, 0), (0.15, 0.55)), True)],
@@ -234,6 +246,7 @@ def _pattern(state, rng, S, s):
     du, dv = (u / period) % 1 - 0.5, (v / period) % 1 - 0.5
     return du ** 2 + dv ** 2 < rng.uniform(0.2, 0.26) ** 2
 
+# %% ../nbs/01a_synthetic_world.ipynb #2748bd46
 def _to_image(m): return Image.fromarray((np.clip(m, 0, 1) * 255).astype(np.uint8))
 def _from_image(im): return np.asarray(im, np.float32) / 255
 def _blur(m, radius): return _from_image(_to_image(m).filter(ImageFilter.GaussianBlur(radius)))
@@ -258,6 +271,7 @@ def _hollow(m, rng, s):
     "Keep a band along the outline: the silhouette minus its erosion (a thresholded blur)."
     return np.clip(m - (_blur(m, s * rng.uniform(0.11, 0.15)) > 0.97), 0, 1)
 
+# %% ../nbs/01a_synthetic_world.ipynb #ae4b2573
 def _melted(m, rng, s):
     "Sag the lower part of the silhouette, widen it towards a puddle and add drips."
     S = m.shape[0]
@@ -294,7 +308,8 @@ def _fuzzy(m, rng, s):
 def _malloc_keep_memory() -> None:
     "Let glibc reuse freed 200 KB numpy temporaries instead of mapping fresh pages for each (renders ~1.5x faster)."
     if sys.platform.startswith("linux"):
-        try: libc = ctypes.CDLL("libc.so.6"); libc.mallopt(-3, 8 << 20); libc.mallopt(-1, 32 << 20)  # M_MMAP/M_TRIM_THRESHOLD
+        try:  # mallopt(M_MMAP_THRESHOLD, 8 MB), mallopt(M_TRIM_THRESHOLD, 32 MB)
+            libc = ctypes.CDLL("libc.so.6"); libc.mallopt(-3, 8 << 20); libc.mallopt(-1, 32 << 20)
         except (OSError, AttributeError): pass
 
 def render_image(state: str,  # one of `STATES`
@@ -399,13 +414,14 @@ STATE_LOOKALIKES = _pairs_both_ways([("broken", "melted"), ("dotted", "checkered
 OBJECT_LOOKALIKES = _pairs_both_ways([("ball", "moon"), ("box", "house"), ("tent", "arrow"), ("star", "cross"),
                                       ("heart", "fish"), ("kite", "bottle")])
 
+# %% ../nbs/01a_synthetic_world.ipynb #b9ca7915
 def label_word_rate(word: str, config: WorldConfig) -> float:
     "How often captions say `word` itself rather than a synonym: a stable per-word point in `config.label_word_rate`."
     lo, hi = config.label_word_rate
     return lo + (hi - lo) * int(hashlib.sha256(word.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
 
 def _say(name, synonyms, lookalikes, config, rng, may_say=lambda other: True) -> tuple[str, str]:
-    "(the word a caption uses for `name`, the benchmark name that word is): a synonym, the label, or its look-alike's label."
+    "(the word a caption uses for `name`, the benchmark name that word is): a synonym, the label, or a look-alike's."
     if rng.random() >= label_word_rate(name, config): return str(rng.choice(synonyms[name])), name
     other = lookalikes.get(name)
     if other is not None and rng.random() < config.label_bleed and may_say(other): return other, other
@@ -466,7 +482,8 @@ def _render_benchmark_chunk(args):
     "Render and save a chunk of benchmark images (runs in a worker)."
     jobs, images_dir, seed, cfg = args
     for split, index, attr, obj, rel in jobs:
-        img, _ = render_image(attr, obj, np.random.default_rng([seed, SPLIT_IDS[split], index]), cfg.image_size, cfg.max_distractors)
+        rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
+        img, _ = render_image(attr, obj, rng, cfg.image_size, cfg.max_distractors)
         Image.fromarray(img).save(Path(images_dir) / rel, format="PNG")
     return len(jobs)
 
@@ -483,6 +500,7 @@ def _render_corpus_chunk(args):
                         **info, **make_caption(attr, obj, info["distractors"], info["background"], rng, allowed, cfg)})
     return images, records
 
+# %% ../nbs/01a_synthetic_world.ipynb #a65574e3
 def _run_chunks(fn, chunks, workers):
     "Map `fn` over `chunks` in order, in `workers` processes (0: in this process)."
     if workers == 0:
@@ -507,7 +525,8 @@ def _generate(root: Path, seed: int, cfg: WorldConfig, workers: int) -> None:
     shape = (cfg.corpus_size, cfg.image_size, cfg.image_size, 3)
     images = np.lib.format.open_memmap(corpus / "images.npy", mode="w+", dtype=np.uint8, shape=shape)
     with open(corpus / "captions.jsonl", "w", encoding="utf-8") as f:
-        for result in _run_chunks(_dispatch, [("bench", a) for a in chunk_args] + [("corpus", a) for a in corpus_args], workers):
+        tasks = [("bench", a) for a in chunk_args] + [("corpus", a) for a in corpus_args]
+        for result in _run_chunks(_dispatch, tasks, workers):
             if result is None: continue
             block, records = result
             images[records[0]["id"]:records[0]["id"] + len(records)] = block
@@ -534,7 +553,8 @@ def world_info(root: str | Path) -> dict:
 def _is_world(root: Path, seed: int, cfg: WorldConfig) -> bool:
     try: info = world_info(root)
     except (FileNotFoundError, json.JSONDecodeError): return False
-    return info.get("version") == WORLD_VERSION and info.get("seed") == seed and info.get("config") == json.loads(json.dumps(asdict(cfg)))
+    return (info.get("version") == WORLD_VERSION and info.get("seed") == seed
+            and info.get("config") == json.loads(json.dumps(asdict(cfg))))
 
 def synthetic_world(seed: int = 0,  # one seed determines every file
                     root: str | Path | None = None,  # where to put it (default: a folder in `cache_dir()/synthetic`)
@@ -565,7 +585,8 @@ def load_corpus(root: str | Path) -> tuple[np.ndarray, list[dict]]:
     "The caption corpus of a world: ([N, H, W, 3] uint8 images, memory-mapped; N caption records)."
     corpus = Path(root) / "corpus"
     if not (corpus / "images.npy").is_file() or not (corpus / "captions.jsonl").is_file():
-        raise FileNotFoundError(f"{corpus}: images.npy and captions.jsonl not found; generate the world with synthetic_world()")
+        raise FileNotFoundError(f"{corpus}: images.npy and captions.jsonl not found; "
+                                "generate the world with synthetic_world()")
     images = np.load(corpus / "images.npy", mmap_mode="r")
     with open(corpus / "captions.jsonl", encoding="utf-8") as f: records = [json.loads(line) for line in f]
     if len(records) != len(images):
@@ -593,7 +614,8 @@ def show_grid(source: str | Path | np.ndarray,  # a world root, or [N, H, W, 3] 
             data = CompositionData(source, check_images="none")
             if split not in data.samples: raise ValueError(f"split={split!r}; valid splits: train, val, test, corpus")
             samples = data.samples[split]
-            chosen = [samples[i] for i in np.random.default_rng(seed).choice(len(samples), min(n, len(samples)), replace=False)]
+            picked = np.random.default_rng(seed).choice(len(samples), min(n, len(samples)), replace=False)
+            chosen = [samples[i] for i in picked]
             images = [np.asarray(Image.open(data.image_path(s)).convert("RGB")) for s in chosen]
             labels = [f"{s.attr} {s.obj}" + ("" if data.is_seen(s.pair) else " (unseen)") for s in chosen]
             colours = ["black" if data.is_seen(s.pair) else "crimson" for s in chosen]
@@ -608,7 +630,8 @@ def show_grid(source: str | Path | np.ndarray,  # a world root, or [N, H, W, 3] 
         ax.axis("off")
         if k >= count: continue
         ax.imshow(images[k], interpolation="nearest")
-        ax.set_title("\n".join(textwrap.wrap(str(labels[k]), wrap)), fontsize=7, color=colours[k] if colours else "black")
+        ax.set_title("\n".join(textwrap.wrap(str(labels[k]), wrap)), fontsize=7,
+                     color=colours[k] if colours else "black")
     if title: fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig

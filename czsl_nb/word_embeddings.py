@@ -4,13 +4,14 @@
 
 # %% ../nbs/18_word_embeddings.ipynb #a1b2e310
 from __future__ import annotations
-import re, warnings, zlib
+import warnings, zlib
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 from .backbone import CLIPBackbone
 from .data import clean_name
+from .metrics import WordVectorFile
 from .prompts import word_embedding_init
 
 # %% auto #0
@@ -33,38 +34,19 @@ UT_ZAPPOS_WORDS = {
     'Shoes.Heels': 'heels', 'Shoes.Loafers': 'loafers', 'Shoes.Oxfords': 'oxford_shoes',
     'Shoes.Sneakers.and.Athletic.Shoes': 'sneakers', 'selfie': 'photo'}
 
-class GloveFormatFile:
-    "Word vectors from a text file with `word v1 ... vd` per line (GloVe, word2vec text, TRIDENT's LLaVA embeddings)."
+class GloveFormatFile(WordVectorFile):
+    "A GloVe-format file (`metrics.WordVectorFile`) as a provider: TRIDENT's renames, zeros for unknown words."
     def __init__(self, path: str | Path, custom_map: dict[str, str] | None = None):
-        self.path = Path(path).expanduser()
-        if not self.path.is_file(): raise FileNotFoundError(f"word embedding file {self.path} not found")
-        self.custom_map = UT_ZAPPOS_WORDS if custom_map is None else custom_map
-        self.vectors: dict[str, np.ndarray] = {}
-        self.dim, self.missing = 0, []
-        with self.path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                parts = line.rstrip().split(" ")
-                if not parts[0]: continue
-                if n == 1 and len(parts) == 2 and all(p.isdigit() for p in parts): continue  # word2vec header
-                try: values = np.asarray(parts[1:], dtype=np.float32)
-                except ValueError:
-                    raise ValueError(f"{self.path}, line {n}: expected 'word v1 ... vd' "
-                                     "with numbers after the word") from None
-                if not len(values): raise ValueError(f"{self.path}, line {n}: word {parts[0]!r} has no values")
-                if self.dim and len(values) != self.dim:
-                    raise ValueError(f"{self.path}, line {n}: {len(values)} values, but earlier lines have {self.dim}")
-                self.dim = len(values)
-                self.vectors[parts[0]] = values
+        if not Path(path).expanduser().is_file():
+            raise FileNotFoundError(f"word embedding file {Path(path).expanduser()} not found")
+        super().__init__(path)
         if not self.vectors: raise ValueError(f"{self.path}: no word vectors in the file")
+        self.custom_map = UT_ZAPPOS_WORDS if custom_map is None else custom_map
+        self.missing: list[str] = []
 
     def vector(self, word: str) -> np.ndarray | None:
-        "The word's vector, the mean of its parts' vectors, or None."
-        key = self.custom_map.get(word, word)
-        if key in self.vectors and not re.search(r"[_\-]", key): return self.vectors[key]
-        parts = [p for p in re.split(r"[_\-\s.]+", key) if p]
-        found = [self.vectors.get(p, self.vectors.get(p.lower())) for p in parts]
-        found = [v for v in found if v is not None]
-        return np.mean(found, axis=0) if found else None
+        "The word's vector (after `custom_map`), the mean of its parts' vectors, or None."
+        return super().vector(word, self.custom_map)
 
     def embed(self, words: Sequence[str]) -> torch.Tensor:
         rows, missing = [], []

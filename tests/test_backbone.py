@@ -120,10 +120,12 @@ def test_tag_found_in_the_hf_hub_cache(tmp_path):
 def test_tag_path_end_to_end(bb, tiny_json, tmp_path, monkeypatch, images):
     "A cached tag loads its file, follows its QuickGELU flag and its image mean/std."
     torch.save(bb.model.state_dict(), tmp_path / "tiny.bin")
-    fake_tag = {"file": str(tmp_path / "tiny.bin"), "quick_gelu": True, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    fake_tag = {"file": str(tmp_path / "tiny.bin"), "quick_gelu": True, "mean": (0.5, 0.5, 0.5),
+                "std": (0.25, 0.25, 0.25)}
     real = open_clip.get_pretrained_cfg
     monkeypatch.setattr(open_clip, "get_pretrained_cfg",
-                        lambda name, tag: fake_tag if (name, tag) == ("test-backbone-tiny", "fake") else real(name, tag))
+                        lambda name, tag: fake_tag if (name, tag) == ("test-backbone-tiny", "fake")
+                        else real(name, tag))
     tagged = CLIPBackbone.create(tiny_json, pretrained="fake").eval()
     assert type(tagged.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
     assert tuple(tagged.preprocess.transforms[-1].mean) == (0.5, 0.5, 0.5)
@@ -235,7 +237,8 @@ def test_image_tokens_average_pooling(tmp_path, images):
         assert not torch.allclose(out.tokens[:, 0], out.pooled)
 
 def test_image_tokens_refuse_attentional_pooling(tmp_path, images):
-    cfg = copy.deepcopy(TINY); cfg["vision_cfg"].update(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=4)
+    cfg = copy.deepcopy(TINY)
+    cfg["vision_cfg"].update(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=4)
     pooled = CLIPBackbone.create(_write_config(tmp_path, "test-backbone-attnpool", cfg))
     with pytest.raises(NotImplementedError, match="attentional pooling"):
         pooled.image_tokens(images)

@@ -2,7 +2,7 @@
 and the synthetic ones are exactly what the README's results table ran."""
 import re, subprocess, sys
 import pytest
-import czsl_nb.all  # noqa: F401
+import czsl_nb.all  # noqa: F401  (registers every method)
 from czsl_nb import list_methods
 from czsl_nb.learner import cli_parameters, read_run_params, run_params
 from conftest import REPO

@@ -7,7 +7,8 @@ from czsl_nb.data import (CompositionData, CompositionSplit, DatasetError, SPLIT
 
 def _cgqa_like(root):
     "C-GQA style: flat image folder, multi-word names joined by `_`, mixed image modes."
-    pairs = {"train": [("dark_brown", "traffic_light"), ("wet", "dog"), ("wet", "traffic_light"), ("dark_brown", "dog")],
+    pairs = {"train": [("dark_brown", "traffic_light"), ("wet", "dog"), ("wet", "traffic_light"),
+                       ("dark_brown", "dog")],
              "val": [("wet", "dog"), ("dark_brown", "cat")], "test": [("wet", "cat"), ("dark_brown", "dog")]}
     modes = ["RGB", "L", "P", "RGBA", "LA"]
     entries = []
@@ -23,7 +24,8 @@ def _cgqa_like(root):
 def test_cgqa_like_layout(tmp_path):
     data = CompositionData(_cgqa_like(tmp_path / "cgqa"))
     assert data.attrs == ["dark_brown", "wet"] and data.objs == ["cat", "dog", "traffic_light"]
-    assert len(data.open_pairs) == 6 and len(data.pairs) == 6  # the 4 seen pairs + dark_brown cat (val) + wet cat (test)
+    # the 4 seen pairs + dark_brown cat (val) + wet cat (test)
+    assert len(data.open_pairs) == 6 and len(data.pairs) == 6
     assert data.summary()["test"] == {"seen_pairs": 1, "unseen_pairs": 1, "images": 2}
     for split in SPLITS:
         ds = CompositionSplit(data, split)
@@ -43,7 +45,8 @@ def test_report_is_a_warning_not_silent(tmp_path):
 
 def test_metadata_needing_unpickling_is_refused(tmp_path):
     root = make_toy_dataset(tmp_path / "toy")
-    torch.save([collections.OrderedDict(image="x", attr="red", obj="apple", set="train"), object()], metadata_file(root))
+    torch.save([collections.OrderedDict(image="x", attr="red", obj="apple", set="train"), object()],
+               metadata_file(root))
     with pytest.raises(DatasetError, match="cannot be read as a torch.save'd list of dicts"):
         CompositionData(root)
 

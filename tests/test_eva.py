@@ -8,7 +8,8 @@ from czsl_nb.eva import EVA, max_over_pairs, parse_towers, primitive_logits, sel
 from czsl_nb.methods import LabelSpace
 from czsl_nb.moe_lora import LoRAExperts, MoELoRA, MoEMLP, add_moe_lora, expert_isolation_loss, switch_balance_loss
 
-SPACE = LabelSpace(["red", "wet", "old"], ["ball", "dog"], [("red", "ball"), ("wet", "dog"), ("old", "ball"), ("red", "dog")])
+SPACE = LabelSpace(["red", "wet", "old"], ["ball", "dog"],
+                   [("red", "ball"), ("wet", "dog"), ("old", "ball"), ("red", "dog")])
 OPEN = SPACE.ids([(a, o) for a in SPACE.attrs for o in SPACE.objs])
 IMAGES = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -32,8 +33,8 @@ def test_zero_init_experts_leave_clip_exactly_unchanged(towers):
         assert torch.equal(bb.encode_image(IMAGES), img)
         assert torch.equal(bb.encode_text(texts), txt)
         assert torch.equal(bb.image_tokens(IMAGES).tokens, tok)
-    wrapped = {t for t in ("image", "text") for b in (bb.model.visual.transformer.resblocks if t == "image" else bb.model.transformer.resblocks)
-               if isinstance(b.mlp, MoEMLP)}
+    blocks = {"image": bb.model.visual.transformer.resblocks, "text": bb.model.transformer.resblocks}
+    wrapped = {t for t in ("image", "text") for b in blocks[t] if isinstance(b.mlp, MoEMLP)}
     assert wrapped == set(towers)
 
 @pytest.mark.parametrize("n_routed,top_k", [(8, 1), (8, 2), (4, 4), (1, 1)])
@@ -53,7 +54,8 @@ def test_mixture_is_shared_plus_gated_routed_and_balance_loss():
     h = torch.randn(3, 5, 8)
     gates, _ = moe.gates(h)
     each = moe.expert_outputs(h)  # already scaled by alpha / rank = 2
-    torch.testing.assert_close(moe(h), each[..., :2, :].sum(-2) + (each[..., 2:, :] * gates[..., None]).sum(-2), atol=1e-5, rtol=1e-5)
+    by_hand = each[..., :2, :].sum(-2) + (each[..., 2:, :] * gates[..., None]).sum(-2)
+    torch.testing.assert_close(moe(h), by_hand, atol=1e-5, rtol=1e-5)
     assert moe.scale == 2.0
     uniform = switch_balance_loss(torch.eye(4).repeat(3, 1), torch.full((12, 4), 0.25), top_k=1)
     collapsed = switch_balance_loss(torch.eye(4)[[1] * 12], torch.eye(4)[[1] * 12], top_k=1)
@@ -77,7 +79,8 @@ def test_image_variants_one_per_expert_and_single_expert_equals_image_feature():
 def test_p_s_is_brute_force_max_over_the_pairs_containing_the_state():
     g = torch.Generator().manual_seed(3)
     n_attrs, n_objs = 5, 4
-    pairs = torch.tensor([(a, o) for a in range(n_attrs) for o in range(n_objs) if (a * 7 + o) % 3 and a != 4])  # state 4: no pair
+    # state 4: no pair
+    pairs = torch.tensor([(a, o) for a in range(n_attrs) for o in range(n_objs) if (a * 7 + o) % 3 and a != 4])
     cos = torch.rand(6, len(pairs), generator=g) * 2 - 1
     a_logits, o_logits = primitive_logits(cos, pairs, n_attrs, n_objs, torch.tensor(10.0), torch.tensor(5.0))
     for a in range(n_attrs):
@@ -98,8 +101,9 @@ def test_p_s_is_brute_force_max_over_the_pairs_containing_the_state():
         tau = eva.log_tau_attr.exp()
         for a in range(len(SPACE.attrs)):
             torch.testing.assert_close(a_logits[:, a], tau * cos[:, OPEN[:, 0] == a].max(1).values)
+        o_logits = eva.primitive_logits(cos, OPEN)[1]
         expected = F.softmax(eva.scale * cos, -1) + 0.5 * (F.softmax(a_logits, -1)[:, OPEN[:, 0]] +
-                                                           F.softmax(eva.primitive_logits(cos, OPEN)[1], -1)[:, OPEN[:, 1]])
+                                                           F.softmax(o_logits, -1)[:, OPEN[:, 1]])
         torch.testing.assert_close(eva.scores(feats, OPEN), expected)
 
 def test_max_over_pairs_gradient_reaches_only_the_winner():
@@ -119,7 +123,8 @@ def test_select_variants_uses_both_affinities():
     ({"use_variants": False}, {"pair_loss"}, False, 0),
     ({"use_experts": False}, {"pair_loss", "primitive_loss", "variant_loss"}, True, 0),
     ({"n_shared": 0}, {"pair_loss", "primitive_loss", "variant_loss"}, False, 8),
-    ({"n_shared": 2, "balance_weight": 0.01}, {"pair_loss", "primitive_loss", "variant_loss", "balance_loss"}, False, 10),
+    ({"n_shared": 2, "balance_weight": 0.01},
+     {"pair_loss", "primitive_loss", "variant_loss", "balance_loss"}, False, 10),
     ({"towers": "text"}, {"pair_loss", "primitive_loss", "variant_loss"}, True, 0),
     ({"lambda_variant": 0}, {"pair_loss", "primitive_loss"}, False, 0),  # build-up: + text-to-image only
     ({"alpha": 0}, {"pair_loss", "primitive_loss", "variant_loss"}, False, 9),  # + cross-modal affinity only
@@ -136,7 +141,8 @@ def test_ablation_switches(params, terms, cached, n_variants):
     out = m(_batch())
     assert set(out) == terms and all(torch.isfinite(v) for v in out.values())
     sum(out.values()).backward()
-    image_grads = [p.grad for n, p in m.named_parameters() if n.startswith("backbone.model.visual.") and p.requires_grad]
+    image_grads = [p.grad for n, p in m.named_parameters()
+                   if n.startswith("backbone.model.visual.") and p.requires_grad]
     assert bool(image_grads) == (not cached) and all(g is not None for g in image_grads)
     assert not any(p.requires_grad for n, p in m.named_parameters() if n.startswith("backbone.") and "moe" not in n)
 

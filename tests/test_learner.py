@@ -1,9 +1,8 @@
 """The engine end to end on the toy dataset with the tiny backbone: runs are written, never
 overwritten, resume without loss, run through papermill, and run in two processes."""
-import json, os, subprocess, sys, warnings
-from pathlib import Path
+import json, os, subprocess, sys
 import numpy as np, pytest, yaml
-import czsl_nb.all  # noqa: F401
+import czsl_nb.all  # noqa: F401  (registers every method)
 from czsl_nb import list_methods
 from czsl_nb.core import cache_dir
 from czsl_nb.backbone import tiny_backbone
@@ -33,8 +32,9 @@ def _strip(metrics):
 def test_run_folder_contents_and_scores_file(toy, tiny_config, tmp_path):
     m = launch(_cfg(toy, tiny_config, run="a", open_world=True), runs_root=tmp_path)
     d = tmp_path / "a"
-    for name in ["params.yaml", "provenance.yaml", "metrics.json", "history.json", "checkpoint_best.pt", "checkpoint_last.pt",
-                 "loss_curve.png", "curve_test_closed.png", "curve_test_open.png", "test_scores.npz"]:
+    for name in ["params.yaml", "provenance.yaml", "metrics.json", "history.json", "checkpoint_best.pt",
+                 "checkpoint_last.pt", "loss_curve.png", "curve_test_closed.png", "curve_test_open.png",
+                 "test_scores.npz"]:
         assert (d / name).is_file(), name
     assert set(m) >= {"val", "test", "epoch", "git_commit"} and set(m["test"]) >= {"closed", "open"}
     assert 1 <= m["epoch"] <= 3 and len(json.loads((d / "history.json").read_text())) == 3
@@ -130,8 +130,8 @@ def test_two_cpu_processes_train_and_score_each_image_once(toy, tiny_config, tmp
     Run in a fresh interpreter, as from papermill: Accelerate refuses to launch where an Accelerator already exists."""
     code = (f"import warnings; warnings.filterwarnings('ignore'); import czsl_nb.all; from pathlib import Path; "
             f"from czsl_nb.learner import TrainConfig, launch; "
-            f"launch(TrainConfig(method='csp', dataset={str(toy)!r}, backbone={str(tiny_config)!r}, epochs=2, batch_size=4, "
-            f"lr=1e-2, run='ddp', num_processes=2), runs_root=Path({str(tmp_path)!r}))")
+            f"launch(TrainConfig(method='csp', dataset={str(toy)!r}, backbone={str(tiny_config)!r}, epochs=2, "
+            f"batch_size=4, lr=1e-2, run='ddp', num_processes=2), runs_root=Path({str(tmp_path)!r}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
@@ -176,9 +176,9 @@ def test_accelerate_launch_two_processes_match_one(method, hparams, toy, tiny_co
                       "run": "two", **settings})
     port = str(29700 + os.getpid() % 200)
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
-                        str(script), cfg, json.dumps(hparams), str(tmp_path)], capture_output=True, text=True, timeout=600,
-                       cwd=tmp_path)
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "--main_process_port", port, str(script), cfg, json.dumps(hparams), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert _numbers(two) == pytest.approx(_numbers(one), abs=1e-6)
@@ -187,8 +187,9 @@ def test_accelerate_launch_two_processes_match_one(method, hparams, toy, tiny_co
 
 def _papermill(args, runs, tmp_path):
     env = {**os.environ, "CZSL_NB_RUNS": str(runs), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "papermill", str(REPO / "nbs" / "train.ipynb"), str(tmp_path / "out.ipynb"),
-                           "--cwd", str(tmp_path), *args], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, "-m", "papermill", str(REPO / "nbs" / "train.ipynb"),
+                           str(tmp_path / "out.ipynb"), "--cwd", str(tmp_path), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
 
 def test_papermill_train(toy, tiny_config, tmp_path):
     runs = tmp_path / "runs"
@@ -203,7 +204,8 @@ def test_papermill_train(toy, tiny_config, tmp_path):
     (["-p", "method", "sam_typo"], "unknown method; valid: " + ", ".join(list_methods())),
     (["-p", "lr_rate", "0.1"], "unknown parameter(s) lr_rate"),
     (["-p", "epochs", "-2"], "parameter epochs=-2: out of range"),
-    (["-p", "method", "eva", "-p", "towers", "both"], "method 'eva': towers='both'"),  # a bad value, caught by the probe build
+    # a bad value, caught by the probe build
+    (["-p", "method", "eva", "-p", "towers", "both"], "method 'eva': towers='both'"),
 ])
 def test_papermill_rejects_bad_parameters_before_work(args, message, tmp_path):
     r = _papermill(args, tmp_path / "runs", tmp_path)
@@ -230,7 +232,7 @@ def test_every_method_trains_and_tests_end_to_end(name, toy, tiny_config, tmp_pa
     assert np.allclose(scores, np.load(tmp_path / name / "test_scores.npz")["scores"], atol=1e-5)
 
 def test_zero_epoch_run_keeps_what_its_hooks_set(toy, tiny_config, tmp_path):
-    "HOPE fills its memories from training images in on_fit_start: a 0-epoch run saves them, and a reload scores as the run did."
+    "HOPE fills its memories from training images in on_fit_start: a 0-epoch run saves them; a reload scores the same."
     from czsl_nb.learner import load_run
     launch(_cfg(toy, tiny_config, method="hope", epochs=0, run="hope0"), runs_root=tmp_path)
     assert (tmp_path / "hope0" / "checkpoint_best.pt").is_file()

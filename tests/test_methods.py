@@ -1,12 +1,16 @@
 """Contracts every registered method must meet, checked on the tiny backbone (shapes, finite float32
 scores in both worlds, losses and gradients only where training should reach, checkpoints)."""
+from dataclasses import fields as _fields
+from typing import Literal, get_args, get_origin, get_type_hints
 import pytest, torch
 import czsl_nb.all  # noqa: F401  (registers every method)
 from czsl_nb import list_methods, get_method
 from czsl_nb.backbone import tiny_backbone
-from czsl_nb.methods import LabelSpace
+from czsl_nb.learner import TrainConfig
+from czsl_nb.methods import _INTERVAL, LabelSpace
 
-SPACE = LabelSpace(["red", "wet", "old"], ["ball", "dog"], [("red", "ball"), ("wet", "dog"), ("old", "ball"), ("red", "dog")])
+SPACE = LabelSpace(["red", "wet", "old"], ["ball", "dog"],
+                   [("red", "ball"), ("wet", "dog"), ("old", "ball"), ("red", "dog")])
 OPEN = SPACE.ids([(a, o) for a in SPACE.attrs for o in SPACE.objs])
 
 def _build(name, seed=0):
@@ -21,7 +25,8 @@ def _batch(method, n=5):
     batch = {"image": images, "attr": ids[:, 0], "obj": ids[:, 1], "pair": pair, "index": torch.arange(n)}
     for key in method.partner_samples:
         same, other = (0, 1) if key == "attr" else (1, 0)
-        partner = [next((j for j in range(n) if ids[j, same] == ids[i, same] and ids[j, other] != ids[i, other]), i) for i in range(n)]
+        shares = lambda i, j: ids[j, same] == ids[i, same] and ids[j, other] != ids[i, other]
+        partner = [next((j for j in range(n) if shares(i, j)), i) for i in range(n)]
         batch[f"{key}_partner"] = {k: v[partner] for k, v in batch.items() if not k.endswith("partner")}
         batch[f"{key}_partner_mask"] = torch.tensor([float(j != i) for i, j in enumerate(partner)])
     return batch
@@ -76,10 +81,6 @@ def test_cacheable_image_features_are_frozen(name):
     assert not any(p.requires_grad for p in m.backbone.model.visual.parameters())
 
 # -- typed hyper-parameters ---------------------------------------------------------------------
-from dataclasses import fields as _fields  # noqa: E402
-from typing import Literal, get_args, get_origin, get_type_hints  # noqa: E402
-from czsl_nb.learner import TrainConfig  # noqa: E402
-from czsl_nb.methods import _INTERVAL  # noqa: E402
 
 def _bad_value(params, f):
     "A value the field must refuse, and what the error must then say is valid."
@@ -90,7 +91,8 @@ def _bad_value(params, f):
     if interval:
         low_bracket, low, high, high_bracket = _INTERVAL.match(interval).groups()
         low, high = float(low), float(high)
-        value = (low if low_bracket == "(" else low - 1) if low > float("-inf") else (high if high_bracket == ")" else high + 1)
+        if low > float("-inf"): value = low if low_bracket == "(" else low - 1
+        else: value = high if high_bracket == ")" else high + 1
         value = [int(value)] if get_origin(kind) is list else (int(value) if kind is int else value)
         return value, f"out of range; valid: {interval}"
     if kind in (int, float): return "many", "must be"
@@ -195,8 +197,9 @@ def test_a_method_from_another_package_trains_through_czsl_train(tmp_path):
     (info / "entry_points.txt").write_text("[czsl_nb.methods]\nprototypes = proto_method:Prototypes\n")
     toy = make_toy_dataset(tmp_path / "toy"); tiny_backbone()
     env = {**os.environ, "PYTHONPATH": str(site), "CZSL_NB_RUNS": str(tmp_path / "runs"), "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", "from czsl_nb.learner import train_cli; train_cli()", "-p", "method", "prototypes",
-                        "-p", "dataset", str(toy), "-p", "backbone", str(cache_dir() / "configs" / "tiny-clip.json"),
+    r = subprocess.run([sys.executable, "-c", "from czsl_nb.learner import train_cli; train_cli()",
+                        "-p", "method", "prototypes", "-p", "dataset", str(toy),
+                        "-p", "backbone", str(cache_dir() / "configs" / "tiny-clip.json"),
                         "-p", "epochs", "1", "-p", "batch_size", "4", "-p", "scale", "5.0", "-p", "run", "outside"],
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

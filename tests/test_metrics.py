@@ -61,7 +61,8 @@ def test_toy_open_world(fn, ids):
 def test_result_keys():
     r = evaluate(*toy_args("str"))
     required = ("auc best_hm best_seen best_unseen hm_seen hm_unseen bias_term attr_acc obj_acc attr_acc_max_bias "
-                "obj_acc_max_bias seen_curve unseen_curve biases topk n_images n_candidates n_seen_images n_unseen_images")
+                "obj_acc_max_bias seen_curve unseen_curve biases topk n_images n_candidates n_seen_images "
+                "n_unseen_images")
     assert set(required.split()) <= set(r)
     assert all(isinstance(r[k], float) for k in "auc best_hm bias_term attr_acc".split())
     assert r["biases"][-1] == 1000.0
@@ -148,7 +149,8 @@ OBJ_VEC = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])    # apple, car, pe
 def test_feasibility_scores_by_hand():
     seen = [(0, 0), (1, 1), (2, 2)]
     pairs = [(0, 0), (1, 1), (2, 2), (0, 2), (1, 0), (2, 1), (0, 1), (1, 2), (2, 0)]
-    # (r,p): .8/0 ; (g,a): 0/.6 ; (b,c): .6/.8 ; (r,c): 0/.6 ; (g,p): cos(p,c)=.6 / cos(g,b)=.8 ; (b,a): cos(a,p)=.8 / cos(b,r)=0
+    # (r,p): .8/0 ; (g,a): 0/.6 ; (b,c): .6/.8 ; (r,c): 0/.6 ;
+    # (g,p): cos(p,c)=.6 / cos(g,b)=.8 ; (b,a): cos(a,p)=.8 / cos(b,r)=0
     expected = torch.tensor([0, 0, 0, .4, .3, .7, .3, .7, .4])
     torch.testing.assert_close(feasibility_scores(pairs, seen, ATTR_VEC, OBJ_VEC), expected, atol=1e-6, rtol=0)
     # an empty max counts as -1 (CompCos): car was never seen with another attribute
@@ -167,7 +169,8 @@ def test_feasibility_scores_matches_loop():
         f_obj = max([-1.0] + [cos(obj_vec[o], obj_vec[o2]) for (a2, o2) in seen if a2 == a and o2 != o])
         f_attr = max([-1.0] + [cos(attr_vec[a], attr_vec[a2]) for (a2, o2) in seen if o2 == o and a2 != a])
         expected.append((f_obj + f_attr) / 2)
-    torch.testing.assert_close(feasibility_scores(pairs, seen, attr_vec, obj_vec), torch.tensor(expected), atol=1e-5, rtol=0)
+    torch.testing.assert_close(feasibility_scores(pairs, seen, attr_vec, obj_vec), torch.tensor(expected),
+                               atol=1e-5, rtol=0)
 
 
 def test_feasibility_scores_errors():
@@ -216,7 +219,8 @@ def test_calibrate_takes_first_strictly_best_threshold():
     assert cal["aucs"] == pytest.approx([0, 0.5, 0.5, 0])
     assert cal["threshold"] == pytest.approx(1 / 3) and cal["auc"] == pytest.approx(0.5)
     for mode in FEASIBILITY_MODES:   # the per-chunk filter equals evaluating an explicitly suppressed copy
-        cal = calibrate_feasibility(CAL_SCORES, [0, 1], [0, 0], CAL_PAIRS, [(0, 0)], CAL_FEAS, n_thresholds=7, mode=mode)
+        cal = calibrate_feasibility(CAL_SCORES, [0, 1], [0, 0], CAL_PAIRS, [(0, 0)], CAL_FEAS, n_thresholds=7,
+                                    mode=mode)
         seen = np.array([1, 0, 0, 0], bool)
         for t, auc in zip(cal["thresholds"], cal["aucs"]):
             suppressed = apply_feasibility(CAL_SCORES, CAL_FEAS, t, seen, mode=mode)

@@ -24,7 +24,8 @@ def test_torchvision_fix_in_fresh_process(tmp_path):
 
 def test_default_exp_unique():
     "Two notebooks with one default_exp silently overwrite each other's module (nbdev#1034)."
-    names = [m for nb in (REPO / "nbs").glob("*.ipynb") for m in re.findall(r"#\| *default_exp +(\S+?)\\n", nb.read_text())]
+    names = [m for nb in (REPO / "nbs").glob("*.ipynb")
+             for m in re.findall(r"#\| *default_exp +(\S+?)\\n", nb.read_text())]
     assert len(names) == len(set(names)), names
 
 def test_settings_keep_papermill_tags():
@@ -36,7 +37,8 @@ def _project_copy(tmp_path):
     dst = tmp_path / "repo"; dst.mkdir()
     for item in ["nbs", "czsl_nb", "settings.ini", "setup.py", "pyproject.toml", "README.md"]:
         src = REPO / item
-        if src.is_dir(): shutil.copytree(src, dst / item, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+        if src.is_dir():
+            shutil.copytree(src, dst / item, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
         else: shutil.copy(src, dst / item)
     return dst
 
@@ -57,14 +59,17 @@ def test_nbdev_leaves_tree_unchanged(command, tmp_path):
 
 def test_wheel_installs_without_notebooks(tmp_path):
     "A normal install ships the exported modules and works with no checkout around it."
-    r = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(REPO)], cwd=tmp_path)
+    r = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(REPO)],
+             cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     wheel, = (tmp_path / "dist").glob("czsl_nb-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {f"czsl_nb/{m}.py" for m in MODULES} <= set(names) and not any(n.startswith("nbs/") for n in names)
-    r = _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)], cwd=tmp_path)
+    r = _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"),
+              str(wheel)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    code = (f"import sys; sys.path.insert(0, {str(tmp_path / 'site')!r}); import czsl_nb, czsl_nb.data, czsl_nb.core as c; "
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path / 'site')!r}); "
+            "import czsl_nb, czsl_nb.data, czsl_nb.core as c; "
             f"assert czsl_nb.__file__.startswith({str(tmp_path / 'site')!r}), czsl_nb.__file__; "
             "assert c.project_root() is None; print(czsl_nb.__version__)")
     r = _run([sys.executable, "-c", code], cwd=tmp_path)

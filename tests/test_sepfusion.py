@@ -10,7 +10,8 @@ from czsl_nb.fusion import CrossAttention, FUSION_ORDERS, ModalFusionSynthesizer
 from czsl_nb.methods import LabelSpace
 from czsl_nb.sepfusion import SepFusion
 
-SPACE = LabelSpace(["red", "wet", "old"], ["ball", "dog"], [("red", "ball"), ("wet", "dog"), ("old", "ball"), ("red", "dog")])
+SPACE = LabelSpace(["red", "wet", "old"], ["ball", "dog"],
+                   [("red", "ball"), ("wet", "dog"), ("old", "ball"), ("red", "dog")])
 OPEN = SPACE.ids([(a, o) for a in SPACE.attrs for o in SPACE.objs])
 FUSIONS = [f for f in FUSION_ORDERS if f != "none"]
 
@@ -48,7 +49,7 @@ def test_attention_weights_normalised_inside_the_block(fusion, tokens):
     torch.manual_seed(0)
     D = tokens.shape[-1]
     block = ModalFusionSynthesizer(D, fusion)
-    state, obj = torch.randn(3, D), torch.randn(2, D)
+    state = torch.randn(3, D)
     for layer in block.children():
         w = layer.attn.attention_weights(layer.norm_query(state[None]), layer.norm_context(tokens))
         torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))
@@ -60,7 +61,8 @@ def test_block_without_fusion_is_identity(tokens):
     assert list(block.parameters()) == []
     out = block(tokens, state, obj)
     assert torch.equal(out.image, tokens[:, 0]) and torch.equal(out.state, state.expand(B, -1, -1))
-    assert torch.equal(out.object, obj.expand(B, -1, -1)) and torch.equal(block.fuse_pair(tokens, pair), pair.expand(B, -1, -1))
+    assert torch.equal(out.object, obj.expand(B, -1, -1))
+    assert torch.equal(block.fuse_pair(tokens, pair), pair.expand(B, -1, -1))
 
 def test_no_fusion_is_the_separated_prompt_model(bb, tokens):
     "fusion='none': scores and loss equal the separated-prompt model computed by hand from the pooled feature."
@@ -82,12 +84,15 @@ def test_no_fusion_is_the_separated_prompt_model(bb, tokens):
 def test_closed_gates_reduce_to_no_fusion(bb, tokens, fusion):
     fused, plain = build(bb, fusion=fusion), build(bb, fusion="none")
     assert not torch.allclose(fused.scores(tokens, OPEN), plain.scores(tokens, OPEN))
-    torch.testing.assert_close(close_gates(fused).scores(tokens, OPEN), plain.scores(tokens, OPEN), atol=1e-5, rtol=1e-5)
+    closed = close_gates(fused).scores(tokens, OPEN)
+    torch.testing.assert_close(closed, plain.scores(tokens, OPEN), atol=1e-5, rtol=1e-5)
 
 def test_fusion_order_matters(bb, tokens):
-    assert not torch.allclose(build(bb, fusion="inter_intra").scores(tokens, OPEN), build(bb, fusion="intra_inter").scores(tokens, OPEN))
+    inter_intra = build(bb, fusion="inter_intra").scores(tokens, OPEN)
+    assert not torch.allclose(inter_intra, build(bb, fusion="intra_inter").scores(tokens, OPEN))
 
-@pytest.mark.parametrize("kinds", [("hard", "hard", "hard"), ("soft", "soft", "soft"), ("hard", "soft", "soft"), ("soft", "hard", "soft")])
+@pytest.mark.parametrize("kinds", [("hard", "hard", "hard"), ("soft", "soft", "soft"),
+                                   ("hard", "soft", "soft"), ("soft", "hard", "soft")])
 @pytest.mark.parametrize("fusion", list(FUSION_ORDERS))
 def test_shapes_closed_and_open_world(bb, tokens, kinds, fusion):
     pair, state, obj = kinds
@@ -124,7 +129,8 @@ def test_invalid_switches(bb):
         SepFusion(bb, SPACE, fusion="cross")
     with pytest.raises(ValueError, match="object_prompt='learned': not a valid choice; valid: 'hard', 'soft'"):
         SepFusion(bb, SPACE, object_prompt="learned")
-    with pytest.raises(ValueError, match="unknown prompt kind"): SeparatedPrompts(bb, SPACE.attrs, SPACE.objs, pair="fixed")
+    with pytest.raises(ValueError, match="unknown prompt kind"):
+        SeparatedPrompts(bb, SPACE.attrs, SPACE.objs, pair="fixed")
 
 # -- the pair axis in chunks (issue 14) ------------------------------------------------------------
 BIG = LabelSpace([f"a{i}" for i in range(6)], [f"o{i}" for i in range(5)],

@@ -1,13 +1,11 @@
 "Tests of the synthetic CZSL world (czsl_nb.synthetic): small configurations in tmp dirs, a few seconds in all."
 import json, re
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import czsl_nb  # noqa: F401  (package setup first)
 from czsl_nb import synthetic as syn
 from czsl_nb.data import CompositionData
 
@@ -68,7 +66,8 @@ def test_layout_reads_back(world):
     cfg = syn.WorldConfig.make(**TINY)
     assert set(data.attrs) == set(syn.STATES) and set(data.objs) == set(syn.OBJECTS)
     s = data.summary()
-    assert (s["train"]["seen_pairs"], s["train"]["unseen_pairs"], s["train"]["images"]) == (60, 0, 60 * cfg.train_per_pair)
+    counts = lambda split: (s[split]["seen_pairs"], s[split]["unseen_pairs"], s[split]["images"])
+    assert counts("train") == (60, 0, 60 * cfg.train_per_pair)
     assert (s["val"]["seen_pairs"], s["val"]["unseen_pairs"], s["val"]["images"]) == (15, 15, 30 * cfg.val_per_pair)
     assert (s["test"]["seen_pairs"], s["test"]["unseen_pairs"], s["test"]["images"]) == (18, 18, 36 * cfg.test_per_pair)
     val_unseen = set(data.val_pairs) - set(data.train_pairs)
@@ -136,7 +135,8 @@ def test_corpus_contents(world):
     # the stored record regenerates a caption with the same kind of mention
     rng = np.random.default_rng(0)
     allowed = {(r["attr"], r["obj"]) for r in records}
-    cap = syn.make_caption(records[0]["attr"], records[0]["obj"], records[0]["distractors"], records[0]["background"], rng, allowed)
+    first = records[0]
+    cap = syn.make_caption(first["attr"], first["obj"], first["distractors"], first["background"], rng, allowed)
     assert isinstance(cap["caption"], str) and cap["caption"]
 
 
@@ -153,7 +153,8 @@ def test_cache_path_and_reuse(tmp_path, monkeypatch):
     assert syn.world_dir(0, **TINY) != syn.world_dir(0, **(TINY | {"corpus_size": 301}))
     assert syn.world_dir(0, **TINY) != syn.world_dir(1, **TINY)
     assert syn.world_dir(0) != syn.world_dir(0, image_size=48)
-    assert syn.world_dir(0) == syn.world_dir(0, **{f: getattr(syn.WorldConfig(), f) for f in ("image_size", "corpus_size")})
+    defaults = {f: getattr(syn.WorldConfig(), f) for f in ("image_size", "corpus_size")}
+    assert syn.world_dir(0) == syn.world_dir(0, **defaults)
 
 
 def test_bad_options(tmp_path, world):

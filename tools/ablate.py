@@ -28,13 +28,16 @@ def parse_assignments(text: str, what: str) -> dict:
 def parse_variant(spec: str) -> tuple[str, dict]:
     name, _, assignments = spec.partition(":")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=]*", name):
-        raise SystemExit(f"--variant {spec!r}: the name may hold letters, digits and _ . + = (no '-', it separates the seed)")
+        raise SystemExit(f"--variant {spec!r}: the name may hold letters, digits and _ . + = "
+                         "(no '-', it separates the seed)")
     return name, parse_assignments(assignments, f"--variant {name}")
 
 def markdown_table(df) -> str:
+    "A DataFrame as a markdown table (ours: pandas' `to_markdown` needs `tabulate`, which is not a dependency)."
     cols = list(df.columns)
     rows = [[str(v) for v in r] for r in df.itertuples(index=False)]
-    return "\n".join(["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)] + ["| " + " | ".join(r) + " |" for r in rows])
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 def print_table(method: str, variants: list[str]) -> None:
     table = collect_runs()
@@ -48,7 +51,8 @@ def print_table(method: str, variants: list[str]) -> None:
         print(markdown_table(summary[summary.world == world].drop(columns=["method", "world"])))
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", required=True)
     ap.add_argument("--variant", action="append", default=[], help="NAME or NAME:param=value,param=value")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -72,7 +76,8 @@ def main():
             plans.append((cfg, method_params))
     for i, (cfg, method_params) in enumerate(plans, 1):
         run_dir = runs_dir() / cfg.run
-        if (run_dir / RUN_FILES["metrics"]).exists(): print(f"[{i}/{len(plans)}] {cfg.run}: finished, skipped"); continue
+        if (run_dir / RUN_FILES["metrics"]).exists():
+            print(f"[{i}/{len(plans)}] {cfg.run}: finished, skipped"); continue
         if (run_dir / RUN_FILES["params"]).exists(): cfg.resume = True
         start = time.perf_counter()
         m = launch(cfg, method_params)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import yaml
 
-import czsl_nb  # noqa: F401
 from czsl_nb.learner import RUN_FILES, TrainConfig, read_run_params
 
 

@@ -6,7 +6,6 @@ while the notebook's cell differs from `czsl_nb.learner.parameters_cell()`.
 import json
 from pathlib import Path
 
-import czsl_nb  # noqa: F401  (the torchvision fix, before the methods import open_clip)
 from czsl_nb.learner import parameters_cell
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "nbs" / "train.ipynb"
