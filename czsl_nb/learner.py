@@ -34,9 +34,9 @@ __all__ = ['LR_SCHEDULES', 'DEVICES', 'MIXED_PRECISIONS', 'OPTIMIZERS', 'FEASIBI
            'provenance', 'run_params', 'read_run_params', 'check_run_dir', 'prepare_run_dir', 'FeatureSplit',
            'EpochShuffle', 'FixedShuffle', 'SeededItems', 'PartnerSplit', 'resolve_dataset', 'limit_train_images',
            'split_labels', 'image_tower_fingerprint', 'FeatureCache', 'FeatureCacheWriter', 'Learner', 'FitContext',
-           'split_parameters', 'resolve_parameters', 'launched_externally', 'launch', 'load_run', 'run_variant',
-           'collect_runs', 'summarize_runs', 'method_parameter_fields', 'parameters_cell', 'notebook_parameters',
-           'read_parameter_file', 'cli_parameters', 'train_cli']
+           'patience_exhausted', 'split_parameters', 'resolve_parameters', 'launched_externally', 'launch', 'load_run',
+           'run_variant', 'collect_runs', 'summarize_runs', 'paired_differences', 'method_parameter_fields',
+           'parameters_cell', 'notebook_parameters', 'read_parameter_file', 'cli_parameters', 'train_cli']
 
 # %% ../nbs/30_learner.ipynb #f961d66c
 LR_SCHEDULES: dict[str, Callable[[float, "TrainConfig"], float]] = {
@@ -80,7 +80,10 @@ class TrainConfig(Params):
                                         "or a config JSON")
     pretrained: str = hparam("", "empty: the backbone's default; an open_clip tag (e.g. openai) "
                                  "or a local checkpoint file")
-    epochs: int = hparam(10, "training epochs; 0 evaluates the untrained method", range="[0, inf)")
+    epochs: int = hparam(10, "training epochs (the cap when patience is set); 0 evaluates the untrained method",
+                         range="[0, inf)")
+    patience: int = hparam(0, "stop after this many selectable epochs without a better validation AUC (0: never)",
+                           range="[0, inf)")
     optimizer: Literal[tuple(OPTIMIZERS)] = hparam("adam", "adam (the papers' choice) or adamw")
     lr: float = hparam(1e-3, "learning rate of the main parameter group (a method may add groups)", range="(0, inf)")
     weight_decay: float = hparam(1e-5, "weight decay of every parameter group", range="[0, inf)")
@@ -559,13 +562,19 @@ def context(self: Learner, epoch: int = 0) -> FitContext:
     self._context.epoch = epoch
     return self._context
 
+# %% ../nbs/30_learner.ipynb #7c39071e
+def patience_exhausted(history: list[dict], best_epoch: int, patience: int) -> bool:
+    "Whether `patience` selectable epochs after the best one have passed (never before a first selectable epoch)."
+    if patience <= 0 or best_epoch == 0: return False
+    return sum(1 for h in history if h["epoch"] > best_epoch and h.get("selectable", True)) >= patience
+
 # %% ../nbs/30_learner.ipynb #bbcd8c2c
 @patch_to(Learner)
 def fit(self: Learner) -> dict:
     "Train (resuming if asked), select the best selectable epoch on validation AUC, test it, write metrics.json."
     cfg, acc = self.cfg, self.acc
     trainable = self.method.trainable and cfg.epochs > 0
-    start, best = 0, {"epoch": 0, "auc": -1.0}
+    start, best, train_seconds = 0, {"epoch": 0, "auc": -1.0}, 0.0
     self.acc.unwrap_model(self.method).on_fit_start(self.context())
     if trainable:
         opt = OPTIMIZERS[cfg.optimizer](self.method.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr)
@@ -578,8 +587,11 @@ def fit(self: Learner) -> dict:
             acc.unwrap_model(model).load_trainable_state_dict(state["method"])
             opt.load_state_dict(state["optimizer"]); schedule.load_state_dict(state["schedule"])
             start, best, self.history = state["epoch"], state["best"], state["history"]
+            train_seconds = state.get("train_seconds", 0.0)
             acc.print(f"resumed {self.run_dir.name} after epoch {start}")
         for epoch in range(start + 1, cfg.epochs + 1):
+            if patience_exhausted(self.history, best["epoch"], cfg.patience): break
+            tic = time.perf_counter()
             seed_everything(cfg.seed + epoch)
             # on the prepared loader: Accelerate re-sets the sampler's epoch from its own iteration counter
             # at every __iter__, and that counter restarts at 0 in a resumed run
@@ -590,6 +602,7 @@ def fit(self: Learner) -> dict:
             lr = opt.param_groups[0]["lr"]
             losses = self._train_epoch(model, opt, schedule, train_loader, epoch)
             val = self.evaluate("val")
+            train_seconds += time.perf_counter() - tic
             self.history.append({"epoch": epoch, "lr": lr, **losses, "val_auc": val["auc"],
                                  "val_best_hm": val["best_hm"], "selectable": method.selectable})
             if method.selectable and val["auc"] > best["auc"]:  # an early stage's model is never the answer
@@ -597,7 +610,8 @@ def fit(self: Learner) -> dict:
                 if acc.is_main_process: torch.save(method.trainable_state_dict(), self.run_dir / RUN_FILES["best"])
             if acc.is_main_process:
                 torch.save({"method": method.trainable_state_dict(), "optimizer": opt.state_dict(),
-                            "schedule": schedule.state_dict(), "epoch": epoch, "best": best, "history": self.history},
+                            "schedule": schedule.state_dict(), "epoch": epoch, "best": best, "history": self.history,
+                            "train_seconds": train_seconds},
                            self.run_dir / RUN_FILES["last"])
             acc.print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.history[-1].items()
                                                      if k not in ("epoch", "selectable")))
@@ -605,6 +619,8 @@ def fit(self: Learner) -> dict:
         if best["epoch"] == 0:
             raise RuntimeError(f"no epoch of {cfg.epochs} trained the full model of {cfg.method!r}, "
                                "so none can be selected")
+        self.fit_summary = {"epochs_trained": len(self.history), "train_seconds": round(train_seconds, 1),
+                            "stopped_early": patience_exhausted(self.history, best["epoch"], cfg.patience)}
         best_state = torch.load(self.run_dir / RUN_FILES["best"], map_location="cpu", weights_only=True)
         self.method.load_trainable_state_dict(best_state)
     self.method.on_fit_end(self.context(best["epoch"]))
@@ -684,7 +700,7 @@ def test(self: Learner, epoch: int) -> dict:
     test_scores = self.score_split("test", self.data.pairs)
     results = {"val": self.evaluate("val"), "test": {"closed": self.evaluate("test", scores=test_scores)},
                "epoch": epoch, "git_commit": git_commit(), "method": cfg.method, "dataset": cfg.dataset,
-               "backbone": cfg.backbone, "seed": cfg.seed}
+               "backbone": cfg.backbone, "seed": cfg.seed, **getattr(self, "fit_summary", {})}
     if cfg.open_world: results["test"].update(self.open_world_results("test"))
     if getattr(self, "_context", None) is not None and self._context.logged:
         results["logged"] = dict(self._context.logged)
@@ -819,6 +835,26 @@ def summarize_runs(table: "pd.DataFrame", keys=("auc", "best_hm", "attr_acc", "o
     out["seeds"] = groups.seed.nunique()
     return out.reset_index()
 
+
+# %% ../nbs/30_learner.ipynb #895c8bd7
+def paired_differences(table: "pd.DataFrame", reference: str = "full", key: str = "auc",
+                       by=("method", "world")) -> "pd.DataFrame":
+    """Each variant minus `reference` on the same seed (same world, data order and shared initialisation), per group in
+    `by`: the mean and std of those paired differences, and in how many seeds the sign agrees with the mean's."""
+    import pandas as pd
+    rows = []
+    for group, runs in table.groupby(list(by), sort=False):
+        per_seed = runs.pivot_table(index="seed", columns="variant", values=key, aggfunc="first")
+        if reference not in per_seed: continue
+        for variant in [v for v in runs.variant.unique() if v != reference]:
+            diff = (per_seed[variant] - per_seed[reference]).dropna()
+            if diff.empty: continue
+            mean, std = float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
+            agree = int((np.sign(diff) == np.sign(mean)).sum()) if mean else int((diff == 0).sum())
+            rows.append({**dict(zip(by, group)), "variant": variant, "reference": reference, "metric": key,
+                         "difference": f"{mean:+.2f} ± {std:.2f}, {agree}/{len(diff)}", "mean": mean, "std": std,
+                         "sign_agrees": agree, "seeds": len(diff)})
+    return pd.DataFrame(rows)
 
 # %% ../nbs/30_learner.ipynb #ec29a78a
 def method_parameter_fields() -> dict[str, list[tuple[str, Any, Any]]]:

@@ -27,7 +27,16 @@ def _cfg(toy, tiny_config, **kw):
                           "batch_size": 4, "lr": 1e-2, "seed": 0, **kw})
 
 def _strip(metrics):
-    return {k: v for k, v in metrics.items() if k != "git_commit"}
+    return {k: v for k, v in metrics.items() if k not in ("git_commit", "train_seconds")}
+
+def test_patience_stops_when_validation_auc_stalls(toy, tiny_config, tmp_path):
+    "With a learning rate too small to move validation AUC, patience 1 stops after epoch 2 and keeps epoch 1."
+    m = launch(_cfg(toy, tiny_config, run="p", epochs=6, patience=1, lr=1e-12), runs_root=tmp_path)
+    history = json.loads((tmp_path / "p" / "history.json").read_text())
+    assert (m["epochs_trained"], m["stopped_early"], m["epoch"]) == (2, True, 1) and len(history) == 2
+    assert m["train_seconds"] > 0
+    full = launch(_cfg(toy, tiny_config, run="cap", epochs=2, lr=1e-12), runs_root=tmp_path)
+    assert (full["epochs_trained"], full["stopped_early"]) == (2, False)
 
 def test_run_folder_contents_and_scores_file(toy, tiny_config, tmp_path):
     m = launch(_cfg(toy, tiny_config, run="a", open_world=True), runs_root=tmp_path)

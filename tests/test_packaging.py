@@ -1,6 +1,6 @@
 """The project as a user meets it: fresh imports, the exported package matching the notebooks,
 a normal (non-editable) install that works without the notebooks, and CI running the README's command."""
-import configparser, re, shutil, subprocess, sys, zipfile
+import configparser, json, re, shutil, subprocess, sys, zipfile
 from pathlib import Path
 import pytest
 from conftest import REPO
@@ -113,3 +113,19 @@ def test_readme_results_table_matches_the_runs():
         assert runs.seed.nunique() == 3, name
         actual = [runs.auc.mean(), runs.auc.std(), runs.best_hm.mean(), runs.best_hm.std()]
         assert all(abs(float(q) - a) < 0.006 for q, a in zip(quoted, actual)), (name, quoted, actual)
+
+EXPORT_FLAG = re.compile(r"^#\|\s*export", re.M)
+
+def test_no_exported_cell_over_60_lines():
+    "A reader follows the library in cells of at most 60 lines (split, prose between, methods attached with patch_to)."
+    long = []
+    for path in sorted((REPO / "nbs").glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            source = "".join(cell["source"])
+            if cell["cell_type"] == "code" and EXPORT_FLAG.search(source) and len(source.splitlines()) > 60:
+                long.append(f"{path.name}: cell {cell.get('id')} has {len(source.splitlines())} lines")
+    assert not long, "\n".join(long)
+
+def test_lint_is_part_of_the_readme_test_command():
+    "ruff (ruff.toml: pyflakes, imports, 120 columns) runs on the package, notebooks, tests, tools and benchmarks."
+    assert "ruff check ." in _readme_test_command()

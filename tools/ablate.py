@@ -7,6 +7,11 @@ Each variant x seed is the run `runs/<method>-<variant>-s<seed>` (parameters rec
 as for any run). Finished runs are skipped and killed ones resumed, so re-running the same command
 completes a grid. `--table` only prints the table of the runs that exist. Values are parsed like
 papermill's `-p` (numbers, True/False, strings). `--threads 1` keeps a sweep from crowding a shared machine.
+
+Besides mean ± std, the table gives each variant's paired difference to `--reference` (default: the variant named
+`full`, else the first): the mean and std over seeds of (variant - reference) on the same seed, and in how many seeds
+the sign agrees. `--max-seeds 5` then adds seeds (to every variant, so they stay paired) while some variant's sign
+is not the same in every seed, up to that many seeds.
 """
 import argparse, os, re, time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,8 +19,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import torch
 import czsl_nb.all  # noqa: F401  (registers every method)
 from czsl_nb.core import runs_dir
-from czsl_nb.learner import (RUN_FILES, TrainConfig, _papermill_value, collect_runs, launch, split_parameters,
-                             summarize_runs)
+from czsl_nb.learner import (RUN_FILES, TrainConfig, _papermill_value, collect_runs, launch, paired_differences,
+                             split_parameters, summarize_runs)
 
 def parse_assignments(text: str, what: str) -> dict:
     "`k=v,k=v` -> {k: parsed v}; an entry without `=` is an error naming `what`."
@@ -39,16 +44,38 @@ def markdown_table(df) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
-def print_table(method: str, variants: list[str]) -> None:
+def grid_runs(method: str, variants: list[str]):
+    "The finished runs of this method's grid (runs named <method>-<variant>-s<seed>), one row per test world."
     table = collect_runs()
+    if table.empty: return table
     table = table[(table.method == method) & table.run.str.match(rf"^{re.escape(method)}-.+-s\d+$")]
-    if variants: table = table[table.variant.isin(variants)]
+    return table[table.variant.isin(variants)] if variants else table
+
+def reference_variant(variants: list[str], asked: str | None) -> str | None:
+    if asked: return asked
+    return "full" if "full" in variants else (variants[0] if variants else None)
+
+def print_table(method: str, variants: list[str], reference: str | None = None) -> None:
+    table = grid_runs(method, variants)
     if table.empty: print("no finished runs"); return
     summary = summarize_runs(table)
     if variants: summary = summary.sort_values("variant", key=lambda s: s.map(variants.index), kind="stable")
+    reference = reference_variant(variants or sorted(table.variant.unique()), reference)
+    paired = {key: paired_differences(table, reference, key) for key in ("auc", "best_hm")} if reference else {}
     for world in summary.world.unique():
-        print(f"\n{method}, test split, {world} world (%, mean ± std over seeds)\n")
-        print(markdown_table(summary[summary.world == world].drop(columns=["method", "world"])))
+        rows = summary[summary.world == world].drop(columns=["method", "world"])
+        for key, diffs in paired.items():
+            if diffs.empty: continue
+            diffs = diffs.set_index(["world", "variant"]).difference
+            rows[f"{key} - {reference} (paired)"] = [diffs.get((world, v), "") for v in rows.variant]
+        print(f"\n{method}, test split, {world} world (%, mean ± std over seeds; paired: mean ± std of the "
+              f"difference on the same seed, seeds where its sign agrees)\n")
+        print(markdown_table(rows))
+
+def unsettled(method: str, variants: list[str], reference: str) -> bool:
+    "Whether some variant's paired AUC difference to `reference` does not have the same sign in every seed."
+    paired = paired_differences(grid_runs(method, variants), reference)
+    return bool((paired.sign_agrees < paired.seeds).any()) if not paired.empty else False
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
@@ -59,19 +86,33 @@ def main():
     ap.add_argument("--set", action="append", default=[], help="param=value for every run (run or method parameter)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--table", action="store_true", help="only print the table of existing runs")
+    ap.add_argument("--reference", default=None, help="the variant the paired differences are taken to "
+                                                      "(default: full, else the first variant)")
+    ap.add_argument("--max-seeds", type=int, default=0,
+                    help="add seeds (next integers) while a variant's paired sign is unsettled, up to this many")
     args = ap.parse_args()
     variants = [parse_variant(v) for v in args.variant]
     names = [n for n, _ in variants]
     if len(set(names)) != len(names): raise SystemExit(f"--variant names repeat: {names}")
-    if args.table: print_table(args.method, names); return
+    if args.table: print_table(args.method, names, args.reference); return
     if not variants: raise SystemExit("give at least one --variant")
     if args.threads: torch.set_num_threads(args.threads)
     common = {k: v for s in args.set for k, v in parse_assignments(s, "--set").items()}
-    plans = []  # validate the whole grid before the first run starts
+    run_grid(args.method, variants, common, args.seeds)
+    seeds, reference = list(args.seeds), reference_variant(names, args.reference)
+    while len(seeds) < args.max_seeds and unsettled(args.method, names, reference):
+        seeds.append(max(seeds) + 1)
+        print(f"a paired sign is not settled yet: adding seed {seeds[-1]}")
+        run_grid(args.method, variants, common, seeds[-1:])
+    print_table(args.method, names, args.reference)
+
+def run_grid(method: str, variants: list[tuple[str, dict]], common: dict, seeds: list[int]) -> None:
+    "Every variant x seed run that is not finished yet; the whole grid is validated before the first run starts."
+    plans = []
     for name, params in variants:
-        run_values, method_params = split_parameters({**common, **params, "method": args.method}, args.method)
-        for seed in args.seeds:
-            cfg = TrainConfig(**{**run_values, "seed": seed, "run": f"{args.method}-{name}-s{seed}"})
+        run_values, method_params = split_parameters({**common, **params, "method": method}, method)
+        for seed in seeds:
+            cfg = TrainConfig(**{**run_values, "seed": seed, "run": f"{method}-{name}-s{seed}"})
             cfg.validate(method_params)
             plans.append((cfg, method_params))
     for i, (cfg, method_params) in enumerate(plans, 1):
@@ -84,7 +125,6 @@ def main():
         closed = m["test"]["closed"]
         print(f"[{i}/{len(plans)}] {cfg.run}: {time.perf_counter() - start:.0f} s, epoch {m['epoch']}, "
               f"test AUC {100 * closed['auc']:.2f}, best HM {100 * closed['best_hm']:.2f}", flush=True)
-    print_table(args.method, names)
 
 if __name__ == "__main__":
     main()
