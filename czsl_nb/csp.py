@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from .core import register
 from .methods import CZSLMethod, Params, hparam
-from .prompts import PrimitiveVocabulary, SlotTemplate
+from .prompts import PrimitiveVocabulary, SlotTemplate, encode_in_chunks
 
 # %% auto #0
 __all__ = ['CSPParams', 'CSP']
@@ -40,7 +40,7 @@ class CSP(CZSLMethod):
         def encode(chunk: torch.Tensor) -> torch.Tensor:
             ids, emb = self.template.embed(self.backbone, [attrs[chunk[:, 0]], objs[chunk[:, 1]]])
             return self.backbone.encode_text_embeddings(ids, emb)
-        return torch.cat([encode(chunk) for chunk in pair_ids.split(self.pair_chunk_size)])
+        return encode_in_chunks(encode, pair_ids, self.pair_chunk_size)
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         logits = self.backbone.logits(batch["features"], self.pair_text_features(self.seen_ids))

@@ -8,11 +8,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from .backbone import CLIPBackbone
 from .data import clean_name
 
 # %% auto #0
-__all__ = ['encode_prompts', 'pair_prompts', 'SlotTemplate', 'word_embedding_init', 'PrimitiveVocabulary', 'ContextPrompt']
+__all__ = ['encode_prompts', 'pair_prompts', 'encode_in_chunks', 'SlotTemplate', 'word_embedding_init', 'PrimitiveVocabulary',
+           'ContextPrompt']
 
 # %% ../nbs/10_prompts.ipynb #1ed52ffc
 def encode_prompts(backbone: CLIPBackbone, texts: Sequence[str], chunk_size: int = 1024) -> torch.Tensor:
@@ -24,6 +26,14 @@ def encode_prompts(backbone: CLIPBackbone, texts: Sequence[str], chunk_size: int
 def pair_prompts(pairs: Sequence[tuple[str, str]], template: str = "a photo of {attr} {obj}") -> list[str]:
     "One prompt per (attr, obj) pair, with names cleaned as CSP/DFSP do."
     return [template.format(attr=clean_name(a), obj=clean_name(o)) for a, o in pairs]
+
+# %% ../nbs/10_prompts.ipynb #809009d6
+def encode_in_chunks(encode, rows: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    "`encode` of `rows` `chunk_size` at a time, concatenated; with gradients on, each chunk is checkpointed."
+    chunks = rows.split(chunk_size)
+    if torch.is_grad_enabled() and len(chunks) > 1:
+        return torch.cat([checkpoint(encode, chunk, use_reentrant=False) for chunk in chunks])
+    return torch.cat([encode(chunk) for chunk in chunks])
 
 # %% ../nbs/10_prompts.ipynb #f5eefc60
 class SlotTemplate(nn.Module):
@@ -102,4 +112,4 @@ class ContextPrompt(nn.Module):
         if self.n_slots != 2: raise ValueError(f"encode_pairs needs a two-slot prompt, this one has {self.n_slots}")
         if not len(pair_ids): return torch.zeros(0, backbone.embed_dim, device=pair_ids.device)
         attrs, objs = vocab.primitives()  # one dropout draw for all chunks: chunking must not change a training step
-        return torch.cat([self(backbone, [attrs[ids[:, 0]], objs[ids[:, 1]]]) for ids in pair_ids.split(chunk_size)])
+        return encode_in_chunks(lambda ids: self(backbone, [attrs[ids[:, 0]], objs[ids[:, 1]]]), pair_ids, chunk_size)
