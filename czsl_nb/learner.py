@@ -30,13 +30,14 @@ if TYPE_CHECKING: import pandas as pd  # only for annotations; pandas loads when
 
 # %% auto #0
 __all__ = ['LR_SCHEDULES', 'DEVICES', 'MIXED_PRECISIONS', 'OPTIMIZERS', 'FEASIBILITY_MODES', 'FEATURE_CACHE_DTYPES', 'RUN_FILES',
-           'FEATURE_CACHE_VERSION', 'RESULT_KEYS', 'lr_factor', 'TrainConfig', 'probe_method_values', 'git_commit',
-           'provenance', 'run_params', 'read_run_params', 'check_run_dir', 'prepare_run_dir', 'FeatureSplit',
-           'EpochShuffle', 'FixedShuffle', 'SeededItems', 'PartnerSplit', 'resolve_dataset', 'limit_train_images',
-           'split_labels', 'image_tower_fingerprint', 'FeatureCache', 'FeatureCacheWriter', 'Learner', 'FitContext',
-           'patience_exhausted', 'split_parameters', 'resolve_parameters', 'launched_externally', 'launch', 'load_run',
-           'run_variant', 'collect_runs', 'summarize_runs', 'paired_differences', 'method_parameter_fields',
-           'parameters_cell', 'notebook_parameters', 'read_parameter_file', 'cli_parameters', 'train_cli']
+           'FEATURE_CACHE_VERSION', 'RESULT_KEYS', 'EXACT_KEYS', 'FIT_KEYS', 'lr_factor', 'TrainConfig',
+           'probe_method_values', 'git_commit', 'provenance', 'run_params', 'read_run_params', 'check_run_dir',
+           'prepare_run_dir', 'FeatureSplit', 'EpochShuffle', 'FixedShuffle', 'SeededItems', 'PartnerSplit',
+           'resolve_dataset', 'limit_train_images', 'split_labels', 'image_tower_fingerprint', 'FeatureCache',
+           'FeatureCacheWriter', 'Learner', 'FitContext', 'patience_exhausted', 'split_parameters',
+           'resolve_parameters', 'launched_externally', 'launch', 'load_run', 'run_variant', 'collect_runs',
+           'summarize_runs', 'paired_differences', 'method_parameter_fields', 'parameters_cell', 'notebook_parameters',
+           'read_parameter_file', 'cli_parameters', 'train_cli']
 
 # %% ../nbs/30_learner.ipynb #f961d66c
 LR_SCHEDULES: dict[str, Callable[[float, "TrainConfig"], float]] = {
@@ -800,6 +801,8 @@ def load_run(run: str | Path, checkpoint: str = "best", **overrides) -> Learner:
 
 # %% ../nbs/30_learner.ipynb #2c44e7a3
 RESULT_KEYS = ("auc", "best_hm", "best_seen", "best_unseen", "attr_acc", "obj_acc")
+EXACT_KEYS = ("auc_exact", "best_hm_exact")  # ours, over every change point (02_metrics); absent in older runs
+FIT_KEYS = ("epochs_trained", "stopped_early", "train_seconds")  # absent in runs from before patience
 
 def run_variant(run: str, method: str | None, dataset: str = "") -> str:
     "What a run name says beyond its method and seed: `eva-full-s2` -> `full`; `<method>-<dataset>-s<N>` -> `default`."
@@ -821,7 +824,9 @@ def collect_runs(root: str | Path | None = None) -> "pd.DataFrame":
                          "dataset": Path(dataset).name or dataset,
                          "backbone": m.get("backbone"), "seed": m.get("seed"), "world": world, "epoch": m.get("epoch"),
                          "epochs": params.get("epochs"), "lr": params.get("lr"), "commit": m.get("git_commit"),
-                         "val_auc": 100 * m["val"]["auc"], **{k: 100 * res[k] for k in RESULT_KEYS}})
+                         "val_auc": 100 * m["val"]["auc"], **{k: 100 * res[k] for k in RESULT_KEYS},
+                         **{k: 100 * res[k] for k in EXACT_KEYS if k in res},  # runs from before the exact curve
+                         **{k: m[k] for k in FIT_KEYS if k in m}})
     return pd.DataFrame(rows)
 
 def summarize_runs(table: "pd.DataFrame", keys=("auc", "best_hm", "attr_acc", "obj_acc"),

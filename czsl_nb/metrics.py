@@ -294,6 +294,36 @@ def _summarise(s: _Setup, biases: list, correct: np.ndarray, attr_hit: dict, obj
         topk=s.k, n_images=s.n_images, n_candidates=int(s.n_candidates),
         n_seen_images=int((~s.gt_unseen).sum()), n_unseen_images=int(s.gt_unseen.sum()), open_world=s.open_world)
 
+# %% ../nbs/02_metrics.ipynb #6ff0676f
+def _curve_summary(seen: np.ndarray, unseen: np.ndarray) -> tuple[float, float]:
+    "AUC (trapezoid in bias order) and best HM of a seen/unseen accuracy curve."
+    auc = float(np.sum((unseen[1:] - unseen[:-1]) * (seen[1:] + seen[:-1]) / 2.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hm = np.where((seen > 0) & (unseen > 0), 2 * seen * unseen / (seen + unseen), 0.0)
+    return auc, float(hm.max()) if hm.size else 0.0
+
+def _exact_biases(change_points: np.ndarray) -> np.ndarray:
+    "Just below every finite change point (the protocol's offset), ascending, then the max-unseen end point."
+    points = np.unique(change_points[np.isfinite(change_points)]) - FLIP_OFFSET
+    return np.append(points[points < BIAS_MAX], BIAS_MAX)
+
+def _exact_curve(s: _Setup, correct_at, biases: np.ndarray) -> dict:
+    "`auc_exact` and `best_hm_exact` over `biases`, `correct_at(block)` ([N, len(block)] bool) a block at a time."
+    block = max(1, 2 ** 22 // max(1, s.n_images * s.k))
+    seen, unseen = [], []
+    for start in range(0, len(biases), block):
+        correct = correct_at(biases[start:start + block])
+        seen.append(correct[~s.gt_unseen].mean(0) if (~s.gt_unseen).any() else np.zeros(correct.shape[1]))
+        unseen.append(correct[s.gt_unseen].mean(0) if s.gt_unseen.any() else np.zeros(correct.shape[1]))
+    auc, best_hm = _curve_summary(np.concatenate(seen), np.concatenate(unseen))
+    return {"auc_exact": auc, "best_hm_exact": best_hm}
+
+def _exact_change_points(s: _Setup, st: dict) -> np.ndarray:
+    """Biases at which some image's top-k changes: an unseen ground truth passes one of the k best seen scores
+    (other_s - gt_s), a seen one is passed by one of the k best unseen scores (gt_s - other_s)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(s.gt_unseen[:, None], st["other_s"] - st["gt_s"][:, None], st["gt_s"][:, None] - st["other_s"])
+
 # %% ../nbs/02_metrics.ipynb #4131a993
 def _evaluate_prepared(scores, s: _Setup, chunk_size=None, column_filter=None, fn: str = "evaluate") -> dict:
     st = _candidate_stats(s, _chunk_pass(scores, s, chunk_size, column_filter, fn))
@@ -307,7 +337,8 @@ def _evaluate_prepared(scores, s: _Setup, chunk_size=None, column_filter=None, f
         pred = _predict_topk(s, st, b)
         attr_hit[b] = (s.attr_code[pred] == s.attr_code[s.gt_col][:, None]).any(1)
         obj_hit[b] = (s.obj_code[pred] == s.obj_code[s.gt_col][:, None]).any(1)
-    return _summarise(s, biases, correct, attr_hit, obj_hit, _correct_at(s, st, [0.0])[:, 0])
+    exact = _exact_curve(s, lambda b: _correct_at(s, st, b), _exact_biases(_exact_change_points(s, st)))
+    return {**_summarise(s, biases, correct, attr_hit, obj_hit, _correct_at(s, st, [0.0])[:, 0]), **exact}
 
 def _as_scores(scores, fn: str):
     if isinstance(scores, (np.ndarray, torch.Tensor)): return scores
@@ -362,7 +393,13 @@ def brute_force_evaluate(scores, attr_labels, obj_labels, pairs, seen_pairs, eva
         pred = predict(b)
         attr_hit[b] = (s.attr_code[pred] == s.attr_code[s.gt_col][:, None]).any(1)
         obj_hit[b] = (s.obj_code[pred] == s.obj_code[s.gt_col][:, None]).any(1)
-    return _summarise(s, biases, correct, attr_hit, obj_hit, (predict(0.0) == s.gt_col[:, None]).any(1))
+    # every candidate's score against every ground truth: a superset of the change points, re-ranked in full
+    with np.errstate(invalid="ignore"):  # inf - inf: no change point
+        change = np.concatenate([(cand_scores[s.gt_unseen][:, ~unseen] - gt_score[s.gt_unseen, None]).ravel(),
+                                 (gt_score[~s.gt_unseen, None] - cand_scores[~s.gt_unseen][:, unseen]).ravel()])
+    every = lambda bs: np.stack([(predict(b) == s.gt_col[:, None]).any(1) for b in bs], 1)
+    exact = _exact_curve(s, every, _exact_biases(change))
+    return {**_summarise(s, biases, correct, attr_hit, obj_hit, (predict(0.0) == s.gt_col[:, None]).any(1)), **exact}
 
 # %% ../nbs/02_metrics.ipynb #c333d239
 def random_world(n_images=60, n_attrs=6, n_objs=7, seen_frac=0.4, unseen_listed=0.5, open_world=False,

@@ -275,3 +275,21 @@ def test_calibrate_errors():
         calibrate_feasibility(CAL_SCORES, [0, 1], [0, 0], CAL_PAIRS, [(0, 0)], CAL_FEAS[:2])
     with pytest.raises(ValueError, match="expected one of multiply, mask"):
         calibrate_feasibility(CAL_SCORES, [0, 1], [0, 0], CAL_PAIRS, [(0, 0)], CAL_FEAS, mode="hard")
+
+def test_exact_curve_by_hand():
+    """Seen images a, b and unseen c, d; columns (seen S, unseen U). The protocol samples only the unseen flips
+    (0.2, 0.8): AUC 0.5, best HM 0.5. Every change (b leaves at 0.5, a at 1.0) gives the staircase with AUC 0.75
+    and best HM 2/3 (seen 1, unseen 1/2 just below 0.5)."""
+    scores = np.array([[1.0, 0.0], [1.0, 0.5], [0.8, 0.0], [0.2, 0.0]])
+    pairs = [(0, 0), (1, 1)]
+    r = evaluate(scores, [0, 0, 1, 1], [0, 0, 1, 1], pairs, [(0, 0)], pairs)
+    assert r["auc"] == pytest.approx(0.5) and r["best_hm"] == pytest.approx(0.5)
+    assert r["auc_exact"] == pytest.approx(0.75) and r["best_hm_exact"] == pytest.approx(2 / 3)
+
+@pytest.mark.parametrize("open_world", [False, True])
+def test_exact_best_hm_is_never_below_the_protocols(open_world):
+    "The protocol's biases are a subset of the exact curve's, so its best HM can only be matched or beaten."
+    for seed in range(5):
+        w = random_world(open_world=open_world, seed=seed)
+        r = evaluate(**w)
+        assert r["best_hm_exact"] >= r["best_hm"] - 1e-12
