@@ -22,7 +22,7 @@ from .metrics import (evaluate as evaluate_scores, plot_curve, feasibility_score
                              apply_feasibility)
 from .backbone import CLIPBackbone, tiny_backbone
 from .mini_clip import load_backbone
-from .synthetic import synthetic_world
+from .synthetic import WORLD_PRESETS, synthetic_world
 from .methods import (CZSLMethod, LabelSpace, Params, default_values, get_method, hparam, list_methods,
                              valid_values)
 from .prompts import encode_prompts
@@ -36,8 +36,8 @@ __all__ = ['LR_SCHEDULES', 'DEVICES', 'MIXED_PRECISIONS', 'OPTIMIZERS', 'FEASIBI
            'resolve_dataset', 'limit_train_images', 'split_labels', 'image_tower_fingerprint', 'FeatureCache',
            'FeatureCacheWriter', 'Learner', 'FitContext', 'patience_exhausted', 'split_parameters',
            'resolve_parameters', 'launched_externally', 'launch', 'load_run', 'run_variant', 'collect_runs',
-           'summarize_runs', 'paired_differences', 'method_parameter_fields', 'parameters_cell', 'notebook_parameters',
-           'read_parameter_file', 'cli_parameters', 'train_cli']
+           'summarize_runs', 'paired_differences', 'bootstrap_test_metrics', 'method_parameter_fields',
+           'parameters_cell', 'notebook_parameters', 'read_parameter_file', 'cli_parameters', 'train_cli']
 
 # %% ../nbs/30_learner.ipynb #f961d66c
 LR_SCHEDULES: dict[str, Callable[[float, "TrainConfig"], float]] = {
@@ -76,7 +76,8 @@ class TrainConfig(Params):
     "Everything a run needs besides the method's own hyper-parameters."
     label = "parameter "  # errors read "parameter epochs=-2: out of range; valid: [0, inf)"
     method: str = hparam("csp", "a registered method: czsl_nb.list_methods()")
-    dataset: str = hparam("synthetic", "'synthetic' (the embedded world) or a dataset root in the standard CZSL layout")
+    dataset: str = hparam("synthetic", "'synthetic' or 'synthetic-l' (embedded worlds, WORLD_PRESETS) or a dataset "
+                          "root in the standard CZSL layout")
     backbone: str = hparam("mini-clip", "'mini-clip' (shipped), an open_clip model name (e.g. ViT-L-14) "
                                         "or a config JSON")
     pretrained: str = hparam("", "empty: the backbone's default; an open_clip tag (e.g. openai) "
@@ -131,7 +132,7 @@ class TrainConfig(Params):
 
     @property
     def run_name(self) -> str:
-        dataset = "synthetic" if self.dataset == "synthetic" else Path(self.dataset).expanduser().resolve().name
+        dataset = self.dataset if self.dataset in WORLD_PRESETS else Path(self.dataset).expanduser().resolve().name
         return self.run or f"{self.method}-{dataset}-s{self.seed}"
 
 # %% ../nbs/30_learner.ipynb #0c6ebea6
@@ -159,8 +160,9 @@ def validate(self, method_params: dict | None = None, probe_method: bool = True,
     if self.precision != "no" and not self.uses_cuda:
         bad("precision", "mixed precision needs a CUDA device; use no on CPU")
     _check_backbone_name(self.backbone)
-    if check_paths and self.dataset != "synthetic" and not Path(self.dataset).expanduser().is_dir():
-        bad("dataset", "not 'synthetic' and not an existing folder (a dataset root in the standard CZSL layout)")
+    if check_paths and self.dataset not in WORLD_PRESETS and not Path(self.dataset).expanduser().is_dir():
+        bad("dataset", f"not one of {', '.join(WORLD_PRESETS)} and not an existing folder (a dataset root in the "
+                       "standard CZSL layout)")
     method = get_method(self.method)
     hparams = method.resolve_hparams(method_params or {})
     needed = method.min_epochs(hparams)
@@ -173,7 +175,7 @@ def validate(self, method_params: dict | None = None, probe_method: bool = True,
 # %% ../nbs/30_learner.ipynb #594f23ff
 RUN_FILES = dict(params="params.yaml", provenance="provenance.yaml", metrics="metrics.json", history="history.json",
                  last="checkpoint_last.pt", best="checkpoint_best.pt", loss_curve="loss_curve.png",
-                 scores="test_scores.npz")
+                 scores="test_scores.npz", bootstrap="bootstrap_test.json")
 
 def git_commit() -> str | None:
     "The checkout's HEAD commit (with `-dirty` when tracked files changed), or None outside a checkout."
@@ -301,8 +303,8 @@ class PartnerSplit(Dataset):
         return item
 
 def resolve_dataset(spec: str, **kwargs) -> CompositionData:
-    "`synthetic` (the embedded world, generated on first use) or the root of a dataset in the standard layout."
-    return CompositionData(synthetic_world() if spec == "synthetic" else spec, **kwargs)
+    "An embedded world's name (WORLD_PRESETS, generated on first use) or the root of a dataset in the standard layout."
+    return CompositionData(synthetic_world(**WORLD_PRESETS[spec]) if spec in WORLD_PRESETS else spec, **kwargs)
 
 def limit_train_images(data: CompositionData, per_pair: int, seed: int) -> CompositionData:
     "The low-shot protocol: at most `per_pair` training images of each composition, drawn by `seed` (0 keeps all)."
@@ -861,6 +863,24 @@ def paired_differences(table: "pd.DataFrame", reference: str = "full", key: str 
                          "sign_agrees": agree, "seeds": len(diff)})
     return pd.DataFrame(rows)
 
+# %% ../nbs/30_learner.ipynb #cd7ee0a5
+def bootstrap_test_metrics(run: str | Path, n_boot: int = 200, seed: int = 0,
+                           keys=("auc", "best_hm")) -> "pd.DataFrame":
+    "Percentile intervals (2.5%, 97.5%) of a run's closed-world test metrics over bootstrap resamples of its images."
+    import pandas as pd
+    run_dir = Path(run) if Path(run).is_dir() else runs_dir() / str(run)
+    with np.load(run_dir / RUN_FILES["scores"]) as z: stored = {k: z[k] for k in z.files}
+    rng, n = np.random.default_rng(seed), len(stored["attr"])
+    evaluate_on = lambda rows: evaluate_scores(stored["scores"][rows], stored["attr"][rows], stored["obj"][rows],
+                                               stored["pairs"], stored["seen_pairs"], stored["eval_pairs"])
+    full = evaluate_on(np.arange(n))
+    draws = [evaluate_on(rng.integers(0, n, n)) for _ in range(n_boot)]
+    rows = [{"metric": k, "value": 100 * full[k], "low": 100 * float(np.percentile([d[k] for d in draws], 2.5)),
+             "high": 100 * float(np.percentile([d[k] for d in draws], 97.5)), "n_boot": n_boot, "images": n}
+            for k in keys]
+    (run_dir / RUN_FILES["bootstrap"]).write_text(json.dumps(rows, indent=1))
+    return pd.DataFrame(rows)
+
 # %% ../nbs/30_learner.ipynb #ec29a78a
 def method_parameter_fields() -> dict[str, list[tuple[str, Any, Any]]]:
     "Each method hyper-parameter name -> [(method, dataclass field, type)] over the registered methods."
@@ -963,7 +983,7 @@ def train_cli(argv: list[str] | None = None) -> None:
     values, cfg, method_params = cli_parameters(args.parameters_file, args.parameters)
     if args.check:
         print(yaml.safe_dump(run_params(cfg, method_params, check_paths=False), sort_keys=False), end="")
-        if cfg.dataset != "synthetic" and not Path(cfg.dataset).expanduser().is_dir():
+        if cfg.dataset not in WORLD_PRESETS and not Path(cfg.dataset).expanduser().is_dir():
             print(f"# note: dataset {cfg.dataset} is not on this machine; training needs it there")
         print(f"# ok: {cfg.method} on {cfg.dataset} as run {cfg.run_name}")
         return

@@ -16,8 +16,8 @@ from .data import CompositionData, write_layout
 # %% auto #0
 __all__ = ['STATE_KINDS', 'STATES', 'OBJECTS', 'STATE_SYNONYMS', 'OBJECT_SYNONYMS', 'WORLD_VERSION', 'SUPERSAMPLE', 'SHAPES',
            'COLOUR_HUES', 'BACKGROUNDS', 'SPLIT_IDS', 'FULL_TEMPLATES', 'OBJECT_TEMPLATES', 'STATE_TEMPLATES',
-           'DISTRACTOR_TEMPLATES', 'BACKGROUND_WORDS', 'STATE_LOOKALIKES', 'OBJECT_LOOKALIKES', 'WorldConfig',
-           'render_image', 'make_splits', 'label_word_rate', 'make_caption', 'world_dir', 'world_info',
+           'DISTRACTOR_TEMPLATES', 'BACKGROUND_WORDS', 'STATE_LOOKALIKES', 'OBJECT_LOOKALIKES', 'WORLD_PRESETS',
+           'WorldConfig', 'render_image', 'make_splits', 'label_word_rate', 'make_caption', 'world_dir', 'world_info',
            'synthetic_world', 'load_corpus', 'show_grid', 'world_digest']
 
 # %% ../nbs/01a_synthetic_world.ipynb #3d24b164
@@ -459,6 +459,13 @@ def make_caption(attr: str, obj: str,  # the pair in the image
     return {"caption": text, "mention": mention, "noisy": noisy,
             "mentioned_attr": said_attr if mention != "object" else None,
             "mentioned_obj": said_obj if mention != "state" else None}
+
+# %% ../nbs/01a_synthetic_world.ipynb #b06dc147
+WORLD_PRESETS = {  # -p dataset NAME: WorldConfig fields of each embedded world
+    "synthetic": {},
+    "synthetic-l": dict(seen_per_primitive=4, val_unseen=20, test_seen=30, test_unseen=50, test_per_pair=40,
+                        corpus_size=1000),
+}
 
 # %% ../nbs/01a_synthetic_world.ipynb #f947379d
 def world_dir(seed: int = 0, **config) -> Path:

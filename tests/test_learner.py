@@ -248,3 +248,12 @@ def test_zero_epoch_run_keeps_what_its_hooks_set(toy, tiny_config, tmp_path):
     reloaded = load_run(tmp_path / "hope0")
     scores = reloaded.score_split("test", reloaded.data.pairs).numpy()
     assert np.allclose(scores, np.load(tmp_path / "hope0" / "test_scores.npz")["scores"], atol=1e-5)
+
+def test_bootstrap_test_metrics_is_seeded_and_written(toy, tiny_config, tmp_path):
+    from czsl_nb.learner import bootstrap_test_metrics
+    m = launch(_cfg(toy, tiny_config, run="boot", epochs=1), runs_root=tmp_path)
+    first = bootstrap_test_metrics(tmp_path / "boot", n_boot=20, seed=3)
+    again = bootstrap_test_metrics(tmp_path / "boot", n_boot=20, seed=3)
+    assert first.equals(again) and first.metric.tolist() == ["auc", "best_hm"]
+    assert (first.low <= first.high).all() and first.value[0] == pytest.approx(100 * m["test"]["closed"]["auc"])
+    assert json.loads((tmp_path / "boot" / "bootstrap_test.json").read_text())[0]["n_boot"] == 20
