@@ -8,7 +8,6 @@ import pytest, torch
 import torch.nn.functional as F
 from czsl_nb.backbone import tiny_backbone
 from czsl_nb.core import cache_dir
-from czsl_nb.data import make_toy_dataset
 from czsl_nb.learner import TrainConfig, launch
 from czsl_nb.methods import LabelSpace
 from czsl_nb.hopfield import (HopfieldMemory, hopfield_retrieve, multi_positive_infonce, retrieval_loss,
@@ -221,9 +220,6 @@ def test_pair_axis_is_chunked(backbone):
         scores = hope.scorer(torch.zeros(n_pairs, 2, dtype=torch.long))(batch["features"])
     finally: del backbone.logits
     assert scores.shape == (8, n_pairs) and max(widths) == 5000 and sum(widths) == n_pairs
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory): return make_toy_dataset(tmp_path_factory.mktemp("data") / "toy")
 
 def _run(toy, tmp_path, method_params=None, **kw):
     tiny_backbone()

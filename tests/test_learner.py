@@ -4,23 +4,11 @@ import json, os, subprocess, sys
 import numpy as np, pytest, yaml
 import czsl_nb.all  # noqa: F401  (registers every method)
 from czsl_nb import list_methods
-from czsl_nb.core import cache_dir
-from czsl_nb.backbone import tiny_backbone
-from czsl_nb.data import make_toy_dataset
 from czsl_nb.learner import Learner, TrainConfig, launch
 from czsl_nb.metrics import evaluate
 from conftest import REPO
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*marked NA")
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return make_toy_dataset(tmp_path_factory.mktemp("data") / "toy")
-
-@pytest.fixture(scope="module")
-def tiny_config():
-    tiny_backbone()
-    return cache_dir() / "configs" / "tiny-clip.json"
 
 def _cfg(toy, tiny_config, **kw):
     return TrainConfig(**{"method": "csp", "dataset": str(toy), "backbone": str(tiny_config), "epochs": 3,

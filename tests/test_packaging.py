@@ -129,3 +129,9 @@ def test_no_exported_cell_over_60_lines():
 def test_lint_is_part_of_the_readme_test_command():
     "ruff (ruff.toml: pyflakes, imports, 120 columns) runs on the package, notebooks, tests, tools and benchmarks."
     assert "ruff check ." in _readme_test_command()
+
+def test_readme_scale_table_matches_the_benchmark_logs():
+    "The README's scale table is what benchmarks/scale_table.py makes of the committed bench_scale logs."
+    r = _run([sys.executable, str(REPO / "benchmarks" / "scale_table.py")], cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() in (REPO / "README.md").read_text(), "re-run benchmarks/scale_table.py into the README"
