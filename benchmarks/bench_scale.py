@@ -276,6 +276,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--set", action="append", default=[], help="method hyper-parameters, NAME=VALUE[,NAME=VALUE]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for image loading")
+    ap.add_argument("--grad-checkpointing", action="store_true",
+                    help="recompute each transformer block in backward (TrainConfig.grad_checkpointing)")
     ap.add_argument("--split-images", type=int, default=0, metavar="N",
                     help="cap every split at N images, label space unchanged (0: the real split sizes); for GPU step "
                          "time and peak GPU memory, which do not grow with the number of images")
@@ -315,7 +317,7 @@ def run(argv=None, monitor: AnonMonitor | None = None, log=print, reuse_backbone
                       eval_batch_size=args.eval_batch_size, pair_chunk_size=args.pair_chunk_size, seed=args.seed,
                       feature_cache=str(base / "features"), feature_cache_dtype=args.feature_cache_dtype,
                       device=args.device, precision=args.precision, open_world=args.open_world, run="bench",
-                      num_workers=args.num_workers)
+                      num_workers=args.num_workers, grad_checkpointing=args.grad_checkpointing)
     scratch = Path(tempfile.mkdtemp(prefix="bench_scale-"))
     try:
         run_dir = prepare_run_dir(cfg, run_params(cfg, params), scratch)
@@ -433,6 +435,7 @@ def run(argv=None, monitor: AnonMonitor | None = None, log=print, reuse_backbone
                 extra["fit_end_full_est_s"] = fit_end_s * (n_train_full + n_test) / hook_images[0]
         if len(step_medians) > 1: extra["step_s_by_epoch"] = "/".join(f"{s:.2f}" for s in step_medians)
         if args.split_images: extra["split_images"] = args.split_images
+        if args.grad_checkpointing: extra["grad_checkpointing"] = 1
         extra.update({"trainable": int(method.trainable), "batch": args.batch_size, "steps": args.steps,
                       "cached": int(method.cache_image_features),
                       "encoded_on_read": sum(c["encoded_on_read"] for c in cache_log),

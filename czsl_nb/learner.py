@@ -111,6 +111,8 @@ class TrainConfig(Params):
     precision: Literal[MIXED_PRECISIONS] = hparam("no", "mixed precision on CUDA: no, fp16 or bf16")
     num_processes: int = hparam(1, ">1 launches data-parallel processes (gloo on CPU, NCCL on GPUs)", range="[1, inf)")
     num_workers: int = hparam(0, "DataLoader workers for image loading", range="[0, inf)")
+    grad_checkpointing: bool = hparam(False, "recompute each transformer block in backward (open_clip): a trained "
+                                             "tower holds one block's activations, for about a third more compute")
     run: str = hparam("", "run folder under runs/ (empty: <method>-<dataset>-s<seed>)")
     resume: bool = hparam(False, "continue a killed run from its last checkpoint")
     open_world: bool = hparam(False, "also test in the open world (feasibility threshold picked on validation AUC)")
@@ -407,6 +409,7 @@ class Learner:
         self.backbone = backbone if backbone is not None else load_backbone(cfg.backbone, cfg.pretrained or None)
         self.method: CZSLMethod = get_method(cfg.method)(self.backbone, self.space, **self.method_params)
         self.method.pair_chunk_size = cfg.pair_chunk_size
+        self.backbone.model.set_grad_checkpointing(cfg.grad_checkpointing)
         self.method.to(self.acc.device)
         self.history: list[dict] = []
         self.train_order = None

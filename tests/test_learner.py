@@ -245,3 +245,12 @@ def test_bootstrap_test_metrics_is_seeded_and_written(toy, tiny_config, tmp_path
     assert first.equals(again) and first.metric.tolist() == ["auc", "best_hm"]
     assert (first.low <= first.high).all() and first.value[0] == pytest.approx(100 * m["test"]["closed"]["auc"])
     assert json.loads((tmp_path / "boot" / "bootstrap_test.json").read_text())[0]["n_boot"] == 20
+
+def test_grad_checkpointing_trains_the_same_model(toy, tiny_config, tmp_path):
+    "EVA trains its image tower's experts: recomputing each block in backward gives the same run."
+    runs = {flag: launch(_cfg(toy, tiny_config, method="eva", run=f"gc{int(flag)}", epochs=1, grad_checkpointing=flag),
+                         runs_root=tmp_path) for flag in (False, True)}
+    plain, checkpointed = (runs[f]["test"]["closed"] for f in (False, True))
+    assert checkpointed["auc"] == pytest.approx(plain["auc"], abs=1e-6)
+    scores = [np.load(tmp_path / f"gc{i}" / "test_scores.npz")["scores"] for i in (0, 1)]
+    np.testing.assert_allclose(scores[1], scores[0], atol=1e-4)
