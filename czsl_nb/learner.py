@@ -119,7 +119,7 @@ class TrainConfig(Params):
     feasibility_mode: Literal[FEASIBILITY_MODES] = hparam("multiply", "how infeasible pairs are suppressed: "
                                                                        "multiply (CSP) or mask")
 
-    def check(self) -> None:
+    def check(self) -> None:  # constraints between fields
         if self.run and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", self.run):
             raise ValueError(f"parameter run={self.run!r}: a folder name: letters, digits and . _ = + - "
                              "(no slashes or spaces)")
@@ -129,13 +129,15 @@ class TrainConfig(Params):
         if self.lr_milestones != sorted(set(self.lr_milestones)):
             raise ValueError(f"parameter lr_milestones={self.lr_milestones!r}: must increase strictly")
 
-    @property
-    def uses_cuda(self) -> bool: return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+# %% ../nbs/30_learner.ipynb #8bc6c8df
+@patch_to(TrainConfig, as_prop=True)
+def uses_cuda(self) -> bool: return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
 
-    @property
-    def run_name(self) -> str:
-        dataset = self.dataset if self.dataset in WORLD_PRESETS else Path(self.dataset).expanduser().resolve().name
-        return self.run or f"{self.method}-{dataset}-s{self.seed}"
+@patch_to(TrainConfig, as_prop=True)
+def run_name(self) -> str:
+    "The run folder's name: `run`, else <method>-<dataset>-s<seed>."
+    dataset = self.dataset if self.dataset in WORLD_PRESETS else Path(self.dataset).expanduser().resolve().name
+    return self.run or f"{self.method}-{dataset}-s{self.seed}"
 
 # %% ../nbs/30_learner.ipynb #0c6ebea6
 def probe_method_values(method: str, hparams: dict) -> None:
@@ -574,6 +576,17 @@ def patience_exhausted(history: list[dict], best_epoch: int, patience: int) -> b
     if patience <= 0 or best_epoch == 0: return False
     return sum(1 for h in history if h["epoch"] > best_epoch and h.get("selectable", True)) >= patience
 
+# %% ../nbs/30_learner.ipynb #db0cfd48
+@patch_to(Learner)
+def _resume_state(self: Learner, model, opt, schedule) -> tuple[int, dict, float]:
+    "Restore a killed run's last checkpoint (model, optimiser, schedule, history): its epoch, best and training time."
+    state = torch.load(self.run_dir / RUN_FILES["last"], map_location="cpu", weights_only=True)
+    self.acc.unwrap_model(model).load_trainable_state_dict(state["method"])
+    opt.load_state_dict(state["optimizer"]); schedule.load_state_dict(state["schedule"])
+    self.history = state["history"]
+    self.acc.print(f"resumed {self.run_dir.name} after epoch {state['epoch']}")
+    return state["epoch"], state["best"], state.get("train_seconds", 0.0)
+
 # %% ../nbs/30_learner.ipynb #bbcd8c2c
 @patch_to(Learner)
 def fit(self: Learner) -> dict:
@@ -587,14 +600,8 @@ def fit(self: Learner) -> dict:
         model, opt, train_loader = acc.prepare(self.method, opt, self.loaders["train"])
         # stepped by hand after each real optimiser step: Accelerate's wrapper would step it once per process
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, math.ceil(len(train_loader) / cfg.grad_accum)))
-        last = self.run_dir / RUN_FILES["last"]
-        if cfg.resume and last.exists():
-            state = torch.load(last, map_location="cpu", weights_only=True)
-            acc.unwrap_model(model).load_trainable_state_dict(state["method"])
-            opt.load_state_dict(state["optimizer"]); schedule.load_state_dict(state["schedule"])
-            start, best, self.history = state["epoch"], state["best"], state["history"]
-            train_seconds = state.get("train_seconds", 0.0)
-            acc.print(f"resumed {self.run_dir.name} after epoch {start}")
+        if cfg.resume and (self.run_dir / RUN_FILES["last"]).exists():
+            start, best, train_seconds = self._resume_state(model, opt, schedule)
         for epoch in range(start + 1, cfg.epochs + 1):
             if patience_exhausted(self.history, best["epoch"], cfg.patience): break
             tic = time.perf_counter()
