@@ -256,6 +256,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--backbone", default=str(ROOT / "benchmarks" / "vitl14_image.json"),
                     help="an open_clip name (random weights) or config JSON; default benchmarks/vitl14_image.json")
     ap.add_argument("--open-world", action="store_true")
+    ap.add_argument("--worlds", choices=("closed", "open", "closed,open"), default=None,
+                    help="test in these worlds after one shared training phase (one line each; default: closed, "
+                         "or open with --open-world)")
     ap.add_argument("--open-eval", choices=("test", "learner"), default="test",
                     help="test: the test split's open-world evaluation (threshold calibrated on test scores); "
                          "learner: Learner.open_world_results('test'), which also scores and holds the val split")
@@ -296,8 +299,36 @@ def shared_backbone(cfg: TrainConfig):
     if cfg.backbone not in _BACKBONES: _BACKBONES[cfg.backbone] = load_backbone(cfg.backbone, cfg.pretrained or None)
     return copy.deepcopy(_BACKBONES[cfg.backbone])
 
-def run(argv=None, monitor: AnonMonitor | None = None, log=print, reuse_backbone: bool = False) -> dict:
-    "One benchmark row; returns its fields (the last line's, then extras) plus `cache` (what the Learner found)."
+def evaluate_test(learner: Learner, world: str, open_eval: str):
+    "The test split's results in `world` as the Learner computes them; the pairs scored and the bytes held."
+    d, cfg = learner.data, learner.cfg
+    if world == "closed":
+        scores = learner.score_split("test", d.pairs)
+        return {"closed": learner.evaluate("test", scores=scores)}, d.pairs, scores.numel() * 4
+    if open_eval == "learner":
+        held = (len(d.samples["val"]) + 2 * len(d.samples["test"])) * len(d.open_pairs) * 4
+        return learner.open_world_results("test"), d.open_pairs, held
+    pairs = d.open_pairs
+    feas, seen = learner.feasibility(), d.seen_mask(pairs)
+    raw = learner.score_split("test", pairs)
+    attr, obj = d.labels("test")
+    calib = calibrate_feasibility(raw, attr, obj, d.pair_ids(pairs), d.pair_ids(d.train_pairs), feas,
+                                  mode=cfg.feasibility_mode)
+    calibrated = apply_feasibility(raw, feas, calib["threshold"], seen, mode=cfg.feasibility_mode)
+    result = {"open": learner.evaluate("test", True, calibrated),
+              "open_uncalibrated": learner.evaluate("test", True, raw)}
+    return result, pairs, 2 * raw.numel() * 4
+
+def worlds(args) -> list[str]:
+    "The worlds a row tests in: --worlds, else open with --open-world, else closed."
+    return args.worlds.split(",") if args.worlds else ["open" if args.open_world else "closed"]
+
+def run(argv=None, **kw) -> dict:
+    "One benchmark row (the last world's); its fields (the last line's, then extras) plus `cache`."
+    return run_rows(argv, **kw)[-1]
+
+def run_rows(argv=None, monitor: AnonMonitor | None = None, log=print, reuse_backbone: bool = False) -> list[dict]:
+    "The rows of one process: one per world asked, sharing the set-up and the training steps."
     from ablate import parse_assignments
     args = parse_args(argv)
     params = {k: v for s in args.set for k, v in parse_assignments(s, "--set").items()}
@@ -316,7 +347,7 @@ def run(argv=None, monitor: AnonMonitor | None = None, log=print, reuse_backbone
                       batch_size=args.batch_size,
                       eval_batch_size=args.eval_batch_size, pair_chunk_size=args.pair_chunk_size, seed=args.seed,
                       feature_cache=str(base / "features"), feature_cache_dtype=args.feature_cache_dtype,
-                      device=args.device, precision=args.precision, open_world=args.open_world, run="bench",
+                      device=args.device, precision=args.precision, open_world="open" in worlds(args), run="bench",
                       num_workers=args.num_workers, grad_checkpointing=args.grad_checkpointing)
     scratch = Path(tempfile.mkdtemp(prefix="bench_scale-"))
     try:
@@ -363,13 +394,13 @@ def run(argv=None, monitor: AnonMonitor | None = None, log=print, reuse_backbone
         step_s = statistics.mean(step_medians) if step_medians else 0.0
 
         # before the test, as Learner.fit does
-        monitor.enter("eval")
+        monitor.enter("fit_end")
         hook_train = None
         if limited and not method.cache_image_features:  # hooks read images through the tower: limit them too
             hook_train = min(k, n_train_full)
             limit_split(learner, "train", hook_train, rebuild_loader=False)
         if limited: limit_split(learner, "test", k, rebuild_loader=True)
-        if limited and args.open_world and args.open_eval == "learner":
+        if limited and "open" in worlds(args) and args.open_eval == "learner":
             limit_split(learner, "val", min(k, len(data.samples["val"])), rebuild_loader=True)
         own_image_features, hook_images = method.image_features, [0]
         def counting(images):
@@ -381,72 +412,55 @@ def run(argv=None, monitor: AnonMonitor | None = None, log=print, reuse_backbone
         finally: del method.image_features
         fit_end_s = time.perf_counter() - t0
 
-        # the test
-        text_s, own_scorer = [0.0], method.scorer
-        def timed_scorer(*a, **kw):
-            start = time.perf_counter()
-            try: return own_scorer(*a, **kw)
-            finally: text_s[0] += time.perf_counter() - start
-        method.scorer = timed_scorer
-        d = learner.data
-        t0 = time.perf_counter()
-        try:
-            if not args.open_world:
-                pairs = d.pairs
-                scores = learner.score_split("test", pairs)
-                result = {"closed": learner.evaluate("test", scores=scores)}
-                held = scores.numel() * 4
-            elif args.open_eval == "learner":
-                pairs = d.open_pairs
-                result = learner.open_world_results("test")
-                held = (len(d.samples["val"]) + 2 * len(d.samples["test"])) * len(pairs) * 4
-            else:
-                pairs = d.open_pairs
-                feas, seen = learner.feasibility(), d.seen_mask(pairs)
-                raw = learner.score_split("test", pairs)
-                attr, obj = d.labels("test")
-                calib = calibrate_feasibility(raw, attr, obj, d.pair_ids(pairs), d.pair_ids(d.train_pairs), feas,
-                                              mode=cfg.feasibility_mode)
-                calibrated = apply_feasibility(raw, feas, calib["threshold"], seen, mode=cfg.feasibility_mode)
-                result = {"open": learner.evaluate("test", True, calibrated),
-                          "open_uncalibrated": learner.evaluate("test", True, raw)}
-                held = 2 * raw.numel() * 4
-                del raw, calibrated
-        finally: del method.scorer
-        eval_measured = time.perf_counter() - t0
-        monitor.sample()
-        n_pairs = len(pairs)
-        score_matrix = n_test * n_pairs * 4
-        eval_s = text_s[0] + (eval_measured - text_s[0]) * n_test / k if limited else eval_measured
-        fields = {"method": args.method, "shape": args.shape, "world": "open" if args.open_world else "closed",
-                  "peak_anon_gb": monitor.peak / GB, "cache_gb": cache_bytes / GB, "step_s": step_s, "eval_s": eval_s,
-                  "peak_gpu_gb": torch.cuda.max_memory_allocated() / GB if cuda else 0.0}
-        full_factor = (n_test / k) if limited else 1.0
-        extra = {"goal_gb": 2 + score_matrix / GB, "score_matrix_gb": score_matrix / GB,
-                 "eval_images": f"{k}/{n_test}", "extrapolated": int(limited), "eval_s_measured": eval_measured,
-                 "text_s": text_s[0], "pairs": n_pairs, "fit_start_s": fit_start_s, "fit_end_s": fit_end_s,
-                 "peak_setup_gb": monitor.peaks.get("setup", 0.0) / GB,
-                 "peak_train_gb": monitor.peaks.get("train", 0.0) / GB,
-                 "peak_eval_gb": monitor.peaks.get("eval", 0.0) / GB}
-        if limited:
-            extra["peak_eval_full_est_gb"] = (monitor.peaks.get("eval", 0.0) + held * (full_factor - 1)) / GB
-            if hook_images[0]:
-                extra["fit_end_images"] = hook_images[0]
-                extra["fit_end_full_est_s"] = fit_end_s * (n_train_full + n_test) / hook_images[0]
-        if len(step_medians) > 1: extra["step_s_by_epoch"] = "/".join(f"{s:.2f}" for s in step_medians)
-        if args.split_images: extra["split_images"] = args.split_images
-        if args.grad_checkpointing: extra["grad_checkpointing"] = 1
-        extra.update({"trainable": int(method.trainable), "batch": args.batch_size, "steps": args.steps,
-                      "cached": int(method.cache_image_features),
-                      "encoded_on_read": sum(c["encoded_on_read"] for c in cache_log),
-                      "tiled_from": getattr(learner, "tiled_from", 0),
-                      "caches_found": sum(c["found"] for c in cache_log), "caches": len(cache_log),
-                      "auc": result[next(iter(result))]["auc"], "threads": torch.get_num_threads(),
-                      "device": args.device, "commit": short_commit()})
+        # the test, in each asked world (training and on_fit_end are shared)
+        def test_in(world: str) -> dict:
+            monitor.enter(f"eval_{world}")
+            text_s, own_scorer = [0.0], method.scorer
+            def timed_scorer(*a, **kw):
+                start = time.perf_counter()
+                try: return own_scorer(*a, **kw)
+                finally: text_s[0] += time.perf_counter() - start
+            method.scorer = timed_scorer
+            t0 = time.perf_counter()
+            try: result, pairs, held = evaluate_test(learner, world, args.open_eval)
+            finally: del method.scorer
+            eval_measured = time.perf_counter() - t0
+            monitor.sample()
+            n_pairs = len(pairs)
+            score_matrix = n_test * n_pairs * 4
+            eval_s = text_s[0] + (eval_measured - text_s[0]) * n_test / k if limited else eval_measured
+            fields = {"method": args.method, "shape": args.shape, "world": world,
+                      "peak_anon_gb": monitor.peak / GB, "cache_gb": cache_bytes / GB, "step_s": step_s,
+                      "eval_s": eval_s, "peak_gpu_gb": torch.cuda.max_memory_allocated() / GB if cuda else 0.0}
+            eval_peak = monitor.peaks.get(f"eval_{world}", 0.0)
+            extra = {"goal_gb": 2 + score_matrix / GB, "score_matrix_gb": score_matrix / GB,
+                     "eval_images": f"{k}/{n_test}", "extrapolated": int(limited), "eval_s_measured": eval_measured,
+                     "text_s": text_s[0], "pairs": n_pairs, "fit_start_s": fit_start_s, "fit_end_s": fit_end_s,
+                     "peak_setup_gb": monitor.peaks.get("setup", 0.0) / GB,
+                     "peak_train_gb": monitor.peaks.get("train", 0.0) / GB,
+                     "peak_fit_end_gb": monitor.peaks.get("fit_end", 0.0) / GB, "peak_eval_gb": eval_peak / GB}
+            if limited:
+                extra["peak_eval_full_est_gb"] = (eval_peak + held * (n_test / k - 1)) / GB
+                if hook_images[0]:
+                    extra["fit_end_images"] = hook_images[0]
+                    extra["fit_end_full_est_s"] = fit_end_s * (n_train_full + n_test) / hook_images[0]
+            if len(step_medians) > 1: extra["step_s_by_epoch"] = "/".join(f"{s:.2f}" for s in step_medians)
+            if args.split_images: extra["split_images"] = args.split_images
+            if args.grad_checkpointing: extra["grad_checkpointing"] = 1
+            extra.update({"trainable": int(method.trainable), "batch": args.batch_size, "steps": args.steps,
+                          "cached": int(method.cache_image_features),
+                          "encoded_on_read": sum(c["encoded_on_read"] for c in cache_log),
+                          "tiled_from": getattr(learner, "tiled_from", 0),
+                          "caches_found": sum(c["found"] for c in cache_log), "caches": len(cache_log),
+                          "auc": result[next(iter(result))]["auc"], "threads": torch.get_num_threads(),
+                          "device": args.device, "commit": short_commit()})
+            return {**fields, **extra, "cache": cache_log}
+
+        rows = [test_in(world) for world in worlds(args)]
         if args.drop_cache:
             for c in getattr(learner, "cache_log", []):
                 for p in (Path(c["path"]), Path(c["path"]).with_suffix(".json")): p.unlink(missing_ok=True)
-        return {**fields, **extra, "cache": cache_log}
+        return rows
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if own_monitor: monitor.stop()
@@ -461,7 +475,7 @@ def last_line(row: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    head = f"bench_scale method={args.method} shape={args.shape} world={'open' if args.open_world else 'closed'}"
+    head = f"bench_scale method={args.method} shape={args.shape} world={worlds(args)[-1]}"
     def abort(reason: str, peak: float) -> None:
         print(f"ABORTED: {reason}", flush=True)
         print(f"{head} peak_anon_gb={peak / GB:.2f} cache_gb=nan step_s=nan eval_s=nan peak_gpu_gb=nan status=aborted "
@@ -473,13 +487,13 @@ def main(argv=None) -> None:
     cap = int((args.memory_limit_gb + 2) * 2 ** 30)
     resource.setrlimit(resource.RLIMIT_DATA, (cap, resource.getrlimit(resource.RLIMIT_DATA)[1]))
     monitor = AnonMonitor(args.memory_limit_gb, exceed).start()
-    try: row = run(argv, monitor=monitor)
+    try: rows = run_rows(argv, monitor=monitor)
     except (MemoryError, RuntimeError) as e:
         if "can't allocate memory" in str(e) or isinstance(e, MemoryError):
             abort(f"allocation refused over the {args.memory_limit_gb:g} GB + 2 GB cap", monitor.peak)
         raise
     monitor.stop()
-    print(last_line(row), flush=True)
+    for row in rows: print(last_line(row), flush=True)
 
 def sweep(argv: list[str]) -> None:
     """`bench_scale.py sweep --method all|A,B --shape S[,T] [row options]`: several rows in one process, the backbone
@@ -496,13 +510,14 @@ def sweep(argv: list[str]) -> None:
         for method in (list_methods() if methods == "all" else methods.split(",")):
             gc.collect()
             if torch.cuda.is_available(): torch.cuda.empty_cache()
-            try: row = run(["--method", method, "--shape", shape, *argv], reuse_backbone=True, log=lambda *a: None)
+            try: rows = run_rows(["--method", method, "--shape", shape, *argv], reuse_backbone=True,
+                                 log=lambda *a: None)
             except Exception as e:  # one failing row must not lose the others' figures
                 traceback.print_exc(limit=-6)
                 print(f"bench_scale method={method} shape={shape} status=failed error={type(e).__name__}: {e}"[:400],
                       flush=True)
                 continue
-            print(last_line(row), flush=True)
+            for row in rows: print(last_line(row), flush=True)
 
 if __name__ == "__main__":
     sweep(sys.argv[2:]) if sys.argv[1:2] == ["sweep"] else main()

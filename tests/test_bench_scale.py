@@ -67,3 +67,12 @@ def test_cli_last_line_and_memory_guard(tiny_json, tmp_path):
     last = guarded.stdout.strip().splitlines()[-1]
     assert guarded.returncode == 3 and last.startswith("bench_scale method=clip shape=tiny world=closed peak_anon_gb=")
     assert " status=aborted " in last, last
+
+def test_one_training_phase_tests_both_worlds(bench, tiny_json, tmp_path):
+    "--worlds closed,open: one row per world from one process; the training steps (and so step_s) are shared."
+    argv = ["--method", "csp", "--shape", "tiny", "--backbone", tiny_json, "--cache-dir", str(tmp_path), "--steps", "1",
+            "--worlds", "closed,open"]
+    closed, open_ = bench.run_rows(argv)
+    assert (closed["world"], open_["world"]) == ("closed", "open") and closed["step_s"] == open_["step_s"]
+    assert (closed["pairs"], open_["pairs"]) == (14, 30)
+    assert all(LAST.match(bench.last_line(row)) for row in (closed, open_))
