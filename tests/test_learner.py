@@ -154,7 +154,7 @@ def _numbers(metrics):
             if isinstance(value, (int, float)): out[path] = value
             return
         for k, v in items:
-            if k not in ("git_commit", "bias_term", "biases"): walk(v, f"{path}.{k}")
+            if k not in ("git_commit", "train_seconds", "bias_term", "biases"): walk(v, f"{path}.{k}")
     walk(metrics, "")
     return out
 
