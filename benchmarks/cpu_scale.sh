@@ -7,14 +7,15 @@
 # eval_images=K/N). Pairs in chunks of 256. TRIDENT takes its auxiliary attributes from CLIP text neighbours here:
 # its default (clip_images) ranks them over every training image's cached tokens in on_fit_start, which runs the
 # remaining image-tower blocks on each (about 25 images/s on these 2 cores: some 20 minutes at MIT-States size).
-#   bash benchmarks/cpu_scale.sh LOG [METHODS] [SHAPES]
-#       (default: every method; mit-states and cgqa; appends each row's line to LOG)
+#   bash benchmarks/cpu_scale.sh LOG [METHODS] [SHAPES] [CGQA_WORLDS]
+#       (default: every method; mit-states and cgqa; closed,open; appends each row's line to LOG)
 set -uo pipefail
 log=${1:-benchmarks/results/cpu_scale.log}
 methods=${2:-$(python -c "from czsl_nb.methods import list_methods; print(' '.join(list_methods()))")}
 shapes=${3:-"mit-states cgqa"}
+cgqa_worlds=${4:-closed,open}
 for shape in $shapes; do
-  case $shape in cgqa) worlds=closed,open ;; *) worlds=closed ;; esac
+  case $shape in cgqa) worlds=$cgqa_worlds ;; *) worlds=closed ;; esac
   for method in $methods; do
     case $method in eva|sam) k=64 ;; *) k=512 ;; esac
     case $method in trident) extra=(--set aux_attributes=clip_neighbours) ;; *) extra=() ;; esac

@@ -59,7 +59,8 @@ def table(cpu: dict, gpu: dict) -> str:
             over = " **over**" if float(row["peak_anon_gb"]) > float(row["goal_gb"]) else ""
             csp = cpu.get(("csp", shape, world))
             step = float(row["step_s"])
-            ratio = f" ({step / float(csp['step_s']):.1f}x)" if step and csp and float(csp.get("step_s", 0)) else ""
+            x = step / float(csp["step_s"]) if step and csp and float(csp.get("step_s", 0)) else None
+            ratio = "" if x is None else f" ({x:.1f}x)" if x >= 0.1 else f" ({x:.2f}x)"
             eval_s = seconds(row["eval_s"]) + ("*" if row.get("extrapolated") == "1" else "")
             cells = [f"{gb(row['peak_anon_gb'])} ({gb(row['goal_gb'])}){over}", gb(row["cache_gb"]),
                      (seconds(row["step_s"]) + ratio) if step else "-", eval_s]
