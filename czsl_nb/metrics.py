@@ -274,15 +274,19 @@ def _mean(x) -> float:
     x = np.asarray(x, dtype=np.float64)
     return float(x.mean()) if x.size else 0.0
 
+def _auc_and_hm(seen: np.ndarray, unseen: np.ndarray) -> tuple[float, np.ndarray]:
+    "AUC of a seen/unseen curve (explicit trapezoid in bias order: np.trapz is gone in NumPy 2.4) and each point's HM."
+    auc = float(np.sum((unseen[1:] - unseen[:-1]) * (seen[1:] + seen[:-1]) / 2.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hm = np.where((seen > 0) & (unseen > 0), 2 * seen * unseen / (seen + unseen), 0.0)
+    return auc, hm
+
 def _summarise(s: _Setup, biases: list, correct: np.ndarray, attr_hit: dict, obj_hit: dict,
                unbiased: np.ndarray) -> dict:
     "Curve, AUC, best HM and friends from per-image correctness at every bias ([N, len(biases)])."
     seen = np.array([_mean(correct[~s.gt_unseen, j]) for j in range(len(biases))])
     unseen = np.array([_mean(correct[s.gt_unseen, j]) for j in range(len(biases))])
-    # explicit trapezoid in list order (np.trapz is gone in NumPy 2.4)
-    auc = float(np.sum((unseen[1:] - unseen[:-1]) * (seen[1:] + seen[:-1]) / 2.0))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        hm = np.where((seen > 0) & (unseen > 0), 2 * seen * unseen / (seen + unseen), 0.0)
+    auc, hm = _auc_and_hm(seen, unseen)
     best = int(np.argmax(hm))
     return dict(
         auc=auc, best_hm=float(hm[best]), best_seen=float(seen.max()), best_unseen=float(unseen.max()),
@@ -295,13 +299,6 @@ def _summarise(s: _Setup, biases: list, correct: np.ndarray, attr_hit: dict, obj
         n_seen_images=int((~s.gt_unseen).sum()), n_unseen_images=int(s.gt_unseen.sum()), open_world=s.open_world)
 
 # %% ../nbs/02_metrics.ipynb #6ff0676f
-def _curve_summary(seen: np.ndarray, unseen: np.ndarray) -> tuple[float, float]:
-    "AUC (trapezoid in bias order) and best HM of a seen/unseen accuracy curve."
-    auc = float(np.sum((unseen[1:] - unseen[:-1]) * (seen[1:] + seen[:-1]) / 2.0))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        hm = np.where((seen > 0) & (unseen > 0), 2 * seen * unseen / (seen + unseen), 0.0)
-    return auc, float(hm.max()) if hm.size else 0.0
-
 def _exact_biases(change_points: np.ndarray) -> np.ndarray:
     "Just below every finite change point (the protocol's offset), ascending, then the max-unseen end point."
     points = np.unique(change_points[np.isfinite(change_points)]) - FLIP_OFFSET
@@ -315,8 +312,8 @@ def _exact_curve(s: _Setup, correct_at, biases: np.ndarray) -> dict:
         correct = correct_at(biases[start:start + block])
         seen.append(correct[~s.gt_unseen].mean(0) if (~s.gt_unseen).any() else np.zeros(correct.shape[1]))
         unseen.append(correct[s.gt_unseen].mean(0) if s.gt_unseen.any() else np.zeros(correct.shape[1]))
-    auc, best_hm = _curve_summary(np.concatenate(seen), np.concatenate(unseen))
-    return {"auc_exact": auc, "best_hm_exact": best_hm}
+    auc, hm = _auc_and_hm(np.concatenate(seen), np.concatenate(unseen))
+    return {"auc_exact": auc, "best_hm_exact": float(hm.max())}
 
 def _exact_change_points(s: _Setup, st: dict) -> np.ndarray:
     """Biases at which some image's top-k changes: an unseen ground truth passes one of the k best seen scores
