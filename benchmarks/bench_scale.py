@@ -29,10 +29,9 @@ What is real size and what is not:
   `on_fit_start` / `on_epoch_start` hooks first, as `Learner.fit` calls them. `step_s` is the mean over those
   epochs of the median step time (data loading included).
 * Evaluation: `Learner.score_split` + `Learner.evaluate` of the test split against all listed pairs (closed) or
-  all |A| x |O| pairs (open, with feasibility: `Learner.feasibility`, a threshold calibrated on the test
-  scores with `calibrate_feasibility`, `apply_feasibility`, calibrated and raw metrics, as
-  `Learner.open_world_results` does for the test split). `--open-eval learner` runs
-  `Learner.open_world_results("test")` itself, which also scores and holds the validation split.
+  all |A| x |O| pairs (open: `Learner.open_world_results("test", calibrate_on="test")`, the feasibility threshold
+  calibrated on the test scores themselves, calibrated and raw metrics). `--open-eval learner` calibrates on the
+  validation split, as a training run does, which also scores and holds that split.
   `on_fit_end` runs before it (its time is `fit_end_s`, not part of `eval_s`).
 * `--eval-images K` scores only the first K test images (and, for methods without a cache, lets `on_fit_end`
   read only the first K training images): `eval_s` is then the full split's time extrapolated (the pairs'
@@ -52,8 +51,8 @@ The last line printed is
 followed by extra key=value fields (goal_gb = 2 + score_matrix_gb, the issue's goal).
 """
 from __future__ import annotations
-import argparse, copy, gc, json, math, os, resource, shutil, statistics, sys, tempfile, threading, time, traceback
-import warnings
+import argparse, contextlib, copy, gc, json, math, os, resource, shutil, statistics, sys, tempfile, threading, time
+import traceback, warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,7 +65,6 @@ from czsl_nb.core import cache_dir, seed_everything
 from czsl_nb.data import SPLITS, CompositionData, load_image, write_layout
 from czsl_nb.learner import OPTIMIZERS, Learner, TrainConfig, git_commit, lr_factor, prepare_run_dir, run_params
 from czsl_nb.methods import get_method, list_methods
-from czsl_nb.metrics import apply_feasibility, calibrate_feasibility
 from czsl_nb.mini_clip import load_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,6 +171,17 @@ class AnonMonitor:
     @property
     def peak(self) -> float: return max(self.peaks.values())
 
+@contextlib.contextmanager
+def counting_images(method):
+    "Within the block, `method.image_features` counts the images it encodes (an instance attribute, removed after)."
+    count, own = [0], method.image_features
+    def counting(images):
+        count[0] += len(images)
+        return own(images)
+    method.image_features = counting
+    try: yield count
+    finally: del method.image_features
+
 # -- the learner -------------------------------------------------------------------------------------------
 class BenchLearner(Learner):
     "A Learner whose missing feature caches are filled by tiling a few encoded image files, not encoding every image."
@@ -181,14 +190,8 @@ class BenchLearner(Learner):
         cache = self.feature_cache(split)
         found = cache.open() is not None
         if not found: self._fill_by_tiling(split, cache)
-        method = self.acc.unwrap_model(self.method)
-        encoded, own = [0], method.image_features
-        def counting(images):
-            encoded[0] += len(images)
-            return own(images)
-        method.image_features = counting  # an instance attribute: counts what the Learner encodes while reading
-        try: out = super()._cached_features(split)
-        finally: del method.image_features
+        with counting_images(self.acc.unwrap_model(self.method)) as encoded:  # what the Learner encodes reading it
+            out = super()._cached_features(split)
         log.append({"split": split, "rows": len(self.data.samples[split]), "found": found,
                     "encoded_on_read": encoded[0],
                     "path": str(cache.path), "bytes": cache.path.stat().st_size})
@@ -301,23 +304,14 @@ def shared_backbone(cfg: TrainConfig):
 
 def evaluate_test(learner: Learner, world: str, open_eval: str):
     "The test split's results in `world` as the Learner computes them; the pairs scored and the bytes held."
-    d, cfg = learner.data, learner.cfg
+    d = learner.data
     if world == "closed":
         scores = learner.score_split("test", d.pairs)
         return {"closed": learner.evaluate("test", scores=scores)}, d.pairs, scores.numel() * 4
-    if open_eval == "learner":
-        held = (len(d.samples["val"]) + 2 * len(d.samples["test"])) * len(d.open_pairs) * 4
-        return learner.open_world_results("test"), d.open_pairs, held
-    pairs = d.open_pairs
-    feas, seen = learner.feasibility(), d.seen_mask(pairs)
-    raw = learner.score_split("test", pairs)
-    attr, obj = d.labels("test")
-    calib = calibrate_feasibility(raw, attr, obj, d.pair_ids(pairs), d.pair_ids(d.train_pairs), feas,
-                                  mode=cfg.feasibility_mode)
-    calibrated = apply_feasibility(raw, feas, calib["threshold"], seen, mode=cfg.feasibility_mode)
-    result = {"open": learner.evaluate("test", True, calibrated),
-              "open_uncalibrated": learner.evaluate("test", True, raw)}
-    return result, pairs, 2 * raw.numel() * 4
+    calibrate_on = "val" if open_eval == "learner" else "test"
+    held_rows = (len(d.samples["val"]) if calibrate_on == "val" else 0) + 2 * len(d.samples["test"])
+    results = learner.open_world_results("test", calibrate_on=calibrate_on)
+    return results, d.open_pairs, held_rows * len(d.open_pairs) * 4
 
 def worlds(args) -> list[str]:
     "The worlds a row tests in: --worlds, else open with --open-world, else closed."
@@ -402,14 +396,8 @@ def run_rows(argv=None, monitor: AnonMonitor | None = None, log=print, reuse_bac
         if limited: limit_split(learner, "test", k, rebuild_loader=True)
         if limited and "open" in worlds(args) and args.open_eval == "learner":
             limit_split(learner, "val", min(k, len(data.samples["val"])), rebuild_loader=True)
-        own_image_features, hook_images = method.image_features, [0]
-        def counting(images):
-            hook_images[0] += len(images)
-            return own_image_features(images)
-        method.image_features = counting
         t0 = time.perf_counter()
-        try: method.on_fit_end(learner.context())
-        finally: del method.image_features
+        with counting_images(method) as hook_images: method.on_fit_end(learner.context())
         fit_end_s = time.perf_counter() - t0
 
         # the test, in each asked world (training and on_fit_end are shared)

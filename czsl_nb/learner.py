@@ -35,8 +35,8 @@ __all__ = ['LR_SCHEDULES', 'DEVICES', 'MIXED_PRECISIONS', 'OPTIMIZERS', 'FEASIBI
            'prepare_run_dir', 'FeatureSplit', 'EpochShuffle', 'FixedShuffle', 'SeededItems', 'PartnerSplit',
            'resolve_dataset', 'limit_train_images', 'split_labels', 'image_tower_fingerprint', 'FeatureCache',
            'FeatureCacheWriter', 'Learner', 'FitContext', 'patience_exhausted', 'split_parameters',
-           'resolve_parameters', 'launched_externally', 'launch', 'load_run', 'run_variant', 'collect_runs',
-           'summarize_runs', 'paired_differences', 'bootstrap_test_metrics', 'method_parameter_fields',
+           'resolve_parameters', 'launched_externally', 'launch', 'run_folder', 'load_run', 'run_variant',
+           'collect_runs', 'summarize_runs', 'paired_differences', 'bootstrap_test_metrics', 'method_parameter_fields',
            'parameters_cell', 'notebook_parameters', 'read_parameter_file', 'cli_parameters', 'train_cli']
 
 # %% ../nbs/30_learner.ipynb #f961d66c
@@ -692,15 +692,16 @@ def feasibility(self: Learner) -> torch.Tensor:
                               words(self.data.attrs), words(self.data.objs))
 
 @patch_to(Learner)
-def open_world_results(self: Learner, split: str, topk: int = 1) -> dict:
-    "Open-world metrics of a split, with the feasibility threshold picked on validation AUC (and without it)."
+def open_world_results(self: Learner, split: str, topk: int = 1, calibrate_on: str = "val") -> dict:
+    """Open-world metrics of a split, with the feasibility threshold picked on `calibrate_on`'s AUC (validation; the
+    scale benchmark calibrates on the split itself, which scores one split fewer) and without it."""
     pairs, mode = self.data.open_pairs, self.cfg.feasibility_mode
     feas, seen = self.feasibility(), self.data.seen_mask(pairs)
-    val_scores = self.score_split("val", pairs)
-    attr, obj = self.data.labels("val")
-    calib = calibrate_feasibility(val_scores, attr, obj, self.data.pair_ids(pairs),
+    calibration_scores = self.score_split(calibrate_on, pairs)
+    attr, obj = self.data.labels(calibrate_on)
+    calib = calibrate_feasibility(calibration_scores, attr, obj, self.data.pair_ids(pairs),
                                   self.data.pair_ids(self.data.train_pairs), feas, mode=mode, topk=topk)
-    raw = val_scores if split == "val" else self.score_split(split, pairs)
+    raw = calibration_scores if split == calibrate_on else self.score_split(split, pairs)
     calibrated = apply_feasibility(raw, feas, calib["threshold"], seen, mode=mode)
     opened = {**self.evaluate(split, True, calibrated, topk), "feasibility_threshold": float(calib["threshold"])}
     return {"open": opened, "open_uncalibrated": self.evaluate(split, True, raw, topk)}
@@ -796,9 +797,13 @@ def launch(cfg: TrainConfig, method_params: dict | None = None, runs_root: Path 
     return json.loads((run_dir / RUN_FILES["metrics"]).read_text())
 
 # %% ../nbs/30_learner.ipynb #4892f9f5
+def run_folder(run: str | Path) -> Path:
+    "A run's folder: `run` itself when it is a folder, else `runs/<run>`."
+    return Path(run) if Path(run).is_dir() else runs_dir() / str(run)
+
 def load_run(run: str | Path, checkpoint: str = "best", **overrides) -> Learner:
     "A Learner for a finished or killed run, with its `best` or `last` checkpoint loaded (nothing is written)."
-    run_dir = Path(run) if Path(run).is_dir() else runs_dir() / str(run)
+    run_dir = run_folder(run)
     params_file = run_dir / RUN_FILES["params"]
     if not params_file.is_file(): raise FileNotFoundError(f"{params_file}: not a run folder (no params.yaml)")
     if checkpoint not in ("best", "last"): raise ValueError(f"checkpoint={checkpoint!r}; valid: best, last")
@@ -878,7 +883,7 @@ def bootstrap_test_metrics(run: str | Path, n_boot: int = 200, seed: int = 0,
                            keys=("auc", "best_hm")) -> "pd.DataFrame":
     "Percentile intervals (2.5%, 97.5%) of a run's closed-world test metrics over bootstrap resamples of its images."
     import pandas as pd
-    run_dir = Path(run) if Path(run).is_dir() else runs_dir() / str(run)
+    run_dir = run_folder(run)
     with np.load(run_dir / RUN_FILES["scores"]) as z: stored = {k: z[k] for k in z.files}
     rng, n = np.random.default_rng(seed), len(stored["attr"])
     evaluate_on = lambda rows: evaluate_scores(stored["scores"][rows], stored["attr"][rows], stored["obj"][rows],
