@@ -13,7 +13,7 @@ Besides mean ± std, the table gives each variant's paired difference to `--refe
 the sign agrees. `--max-seeds 5` then adds seeds (to every variant, so they stay paired) while some variant's sign
 is not the same in every seed, up to that many seeds.
 """
-import argparse, os, re, time
+import argparse, json, os, re, time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 import torch
@@ -106,6 +106,13 @@ def main():
         run_grid(args.method, variants, common, seeds[-1:])
     print_table(args.method, names, args.reference)
 
+def finish_run(cfg: TrainConfig, method_params: dict) -> tuple[dict, bool]:
+    "The run's metrics: read when it is finished, else trained now (a killed run resumed); and whether it trained."
+    run_dir = runs_dir() / cfg.run_name
+    if (run_dir / RUN_FILES["metrics"]).exists(): return json.loads((run_dir / RUN_FILES["metrics"]).read_text()), False
+    cfg.resume = (run_dir / RUN_FILES["params"]).exists()
+    return launch(cfg, method_params), True
+
 def run_grid(method: str, variants: list[tuple[str, dict]], common: dict, seeds: list[int]) -> None:
     "Every variant x seed run that is not finished yet; the whole grid is validated before the first run starts."
     plans = []
@@ -116,12 +123,10 @@ def run_grid(method: str, variants: list[tuple[str, dict]], common: dict, seeds:
             cfg.validate(method_params)
             plans.append((cfg, method_params))
     for i, (cfg, method_params) in enumerate(plans, 1):
-        run_dir = runs_dir() / cfg.run
-        if (run_dir / RUN_FILES["metrics"]).exists():
-            print(f"[{i}/{len(plans)}] {cfg.run}: finished, skipped"); continue
-        if (run_dir / RUN_FILES["params"]).exists(): cfg.resume = True
         start = time.perf_counter()
-        m = launch(cfg, method_params)
+        m, trained = finish_run(cfg, method_params)
+        if not trained:
+            print(f"[{i}/{len(plans)}] {cfg.run}: finished, skipped"); continue
         closed = m["test"]["closed"]
         print(f"[{i}/{len(plans)}] {cfg.run}: {time.perf_counter() - start:.0f} s, epoch {m['epoch']}, "
               f"test AUC {100 * closed['auc']:.2f}, best HM {100 * closed['best_hm']:.2f}", flush=True)

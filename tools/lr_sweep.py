@@ -9,13 +9,14 @@ ones resumed. The chosen lr has the best validation AUC of its selected epoch (a
 split is never looked at. The sweep's table is written to `runs/lr-sweep-<method>-<dataset>.json`. `--write FILE`
 replaces the recipe's `lr:` line with the chosen value and a comment naming the sweep.
 """
-import argparse, json, os, re
+import argparse, json, os, re, sys
+from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
-from pathlib import Path
-import czsl_nb.all  # noqa: F401  (registers every method)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # ablate.py beside this file, however this one is loaded
+from ablate import finish_run
 from czsl_nb.core import runs_dir
-from czsl_nb.learner import RUN_FILES, cli_parameters, launch
+from czsl_nb.learner import cli_parameters
 
 DEFAULT_LRS = ("3e-4", "1e-3", "3e-3")
 
@@ -28,11 +29,7 @@ def sweep(files: list[str], pairs: list[tuple[str, str]], lrs=DEFAULT_LRS) -> di
         plans.append((lr, cfg, method_params))
     rows = []
     for lr, cfg, method_params in plans:
-        metrics_file = runs_dir() / cfg.run / RUN_FILES["metrics"]
-        if not metrics_file.exists():
-            cfg.resume = (runs_dir() / cfg.run / RUN_FILES["params"]).exists()
-            launch(cfg, method_params)
-        m = json.loads(metrics_file.read_text())
+        m, _ = finish_run(cfg, method_params)
         rows.append({"lr": float(lr), "run": cfg.run, "val_auc": 100 * m["val"]["auc"], "epoch": m["epoch"],
                      "epochs_trained": m.get("epochs_trained")})
     best = max(rows, key=lambda r: (r["val_auc"], -r["lr"]))
