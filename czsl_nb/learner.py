@@ -951,12 +951,16 @@ def notebook_parameters(namespace: dict) -> tuple[TrainConfig, dict]:
     return resolve_parameters(values)  # an unknown name fails here, listing the valid ones
 
 # %% ../nbs/30_learner.ipynb #519296d4
+class _NoDatesLoader(yaml.SafeLoader):
+    "YAML with dates read as strings, as papermill reads `-f` files."
+_NoDatesLoader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:timestamp"]
+                                          for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
 def read_parameter_file(path: str | Path) -> dict:
     "A YAML recipe or a run's params.yaml as flat parameter values, read as papermill's `-f` reads it."
-    from papermill.iorw import NoDatesSafeLoader
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"parameter file {path} not found")
-    try: values = yaml.load(path.read_text(), Loader=NoDatesSafeLoader) or {}
+    try: values = yaml.load(path.read_text(), Loader=_NoDatesLoader) or {}
     except yaml.YAMLError as e: raise ValueError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(values, dict) or "method_params" in values:
         raise ValueError(f"{path}: expected flat 'name: value' lines (a run written before flat params.yaml: "
@@ -964,9 +968,13 @@ def read_parameter_file(path: str | Path) -> dict:
     return values
 
 def _papermill_value(text: str):
-    "Parse a `-p` value the way papermill's command line does."
-    from papermill.cli import _resolve_type
-    return _resolve_type(text)
+    "Parse a `-p` value the way papermill's command line does: True/False/None, an int, a float, else the string."
+    named = {"True": True, "False": False, "None": None}
+    if text in named: return named[text]
+    for kind in (int, float):
+        try: return kind(text)
+        except ValueError: pass
+    return text
 
 def cli_parameters(files: list[str], pairs: list[tuple[str, str]]) -> tuple[dict, TrainConfig, dict]:
     "Merge `-f` files (in order) and `-p` pairs (last); return the values, the checked config and hyper-parameters."

@@ -27,24 +27,28 @@ def sweep(files: list[str], pairs: list[tuple[str, str]], lrs=DEFAULT_LRS) -> di
         _, cfg, method_params = cli_parameters(files, [*pairs, ("lr", lr)])
         cfg.run = f"{cfg.method}-lr{lr}-{Path(cfg.dataset).name}-s{cfg.seed}"
         plans.append((lr, cfg, method_params))
-    rows = []
-    for lr, cfg, method_params in plans:
-        m, _ = finish_run(cfg, method_params)
-        rows.append({"lr": float(lr), "run": cfg.run, "val_auc": 100 * m["val"]["auc"], "epoch": m["epoch"],
-                     "epochs_trained": m.get("epochs_trained")})
+    rows = [sweep_row(lr, cfg.run, finish_run(cfg, method_params)[0]) for lr, cfg, method_params in plans]
+    return record_sweep(plans[0][1].method, Path(plans[0][1].dataset).name, rows, runs_dir())
+
+def sweep_row(lr, run: str, metrics: dict) -> dict:
+    "One learning rate's line of the sweep's table, from its finished run's metrics."
+    return {"lr": float(lr), "run": run, "val_auc": 100 * metrics["val"]["auc"], "epoch": metrics["epoch"],
+            "epochs_trained": metrics.get("epochs_trained")}
+
+def record_sweep(method: str, dataset: str, rows: list[dict], folder: Path) -> dict:
+    "The chosen lr (best validation AUC; a tie goes to the smaller lr), written with the table to `folder`."
     best = max(rows, key=lambda r: (r["val_auc"], -r["lr"]))
-    method, dataset = plans[0][1].method, Path(plans[0][1].dataset).name
     result = {"method": method, "dataset": dataset, "lrs": [r["lr"] for r in rows], "runs": rows,
               "chosen_lr": best["lr"]}
-    (runs_dir() / f"lr-sweep-{method}-{dataset}.json").write_text(json.dumps(result, indent=1))
+    (Path(folder) / f"lr-sweep-{method}-{dataset}.json").write_text(json.dumps(result, indent=1))
     return result
 
-def write_lr(recipe: Path, result: dict) -> None:
+def write_lr(recipe: Path, result: dict, table_folder: str = "runs") -> None:
     "Replace the recipe's `lr:` line (one must exist) with the chosen lr and where it came from."
     text = recipe.read_text()
     grid = ", ".join(f"{lr:g}" for lr in result["lrs"])
     line = (f"lr: {result['chosen_lr']:g}".ljust(36) + f"# tools/lr_sweep.py: best validation AUC over {grid} "
-            f"(runs/lr-sweep-{result['method']}-{result['dataset']}.json)")
+            f"({table_folder}/lr-sweep-{result['method']}-{result['dataset']}.json)")
     new, n = re.subn(r"^lr:.*$", line, text, count=1, flags=re.M)
     if n != 1: raise SystemExit(f"{recipe}: no `lr:` line to replace")
     recipe.write_text(new)
