@@ -36,8 +36,9 @@ __all__ = ['LR_SCHEDULES', 'DEVICES', 'MIXED_PRECISIONS', 'OPTIMIZERS', 'FEASIBI
            'resolve_dataset', 'limit_train_images', 'split_labels', 'image_tower_fingerprint', 'FeatureCache',
            'FeatureCacheWriter', 'Learner', 'FitContext', 'patience_exhausted', 'split_parameters',
            'resolve_parameters', 'launched_externally', 'launch', 'run_folder', 'load_run', 'run_variant',
-           'collect_runs', 'summarize_runs', 'paired_differences', 'bootstrap_test_metrics', 'method_parameter_fields',
-           'parameters_cell', 'notebook_parameters', 'read_parameter_file', 'cli_parameters', 'train_cli']
+           'collect_runs', 'summarize_runs', 'paired_differences', 'ablation_table', 'benchmark_runs', 'Claim',
+           'claim_verdict', 'claims_table', 'bootstrap_test_metrics', 'method_parameter_fields', 'parameters_cell',
+           'notebook_parameters', 'read_parameter_file', 'cli_parameters', 'train_cli']
 
 # %% ../nbs/30_learner.ipynb #f961d66c
 LR_SCHEDULES: dict[str, Callable[[float, "TrainConfig"], float]] = {
@@ -876,6 +877,63 @@ def paired_differences(table: "pd.DataFrame", reference: str = "full", key: str 
             rows.append({**dict(zip(by, group)), "variant": variant, "reference": reference, "metric": key,
                          "difference": f"{mean:+.2f} ± {std:.2f}, {agree}/{len(diff)}", "mean": mean, "std": std,
                          "sign_agrees": agree, "seeds": len(diff)})
+    return pd.DataFrame(rows)
+
+# %% ../nbs/30_learner.ipynb #b301ef2b
+def ablation_table(runs: "pd.DataFrame", reference: str = "full", keys=("auc", "best_hm", "attr_acc", "obj_acc"),
+                   by=("method", "dataset", "world")) -> "pd.DataFrame":
+    "`summarize_runs` per variant, with the paired AUC and best-HM differences to `reference` (same seeds) beside it."
+    summary = summarize_runs(runs, keys=keys, by=(*by, "variant"))
+    for key in ("auc", "best_hm"):
+        column, paired = f"{key} − {reference} (paired)", paired_differences(runs, reference, key, by=by)
+        if len(paired): summary = summary.merge(paired[[*by, "variant", "difference"]].rename(
+            columns={"difference": column}), on=[*by, "variant"], how="left")
+        summary[column] = summary[column].fillna("") if column in summary else ""
+    return summary
+
+def benchmark_runs(method: str | None = None, world: str | None = "closed", root: str | Path | None = None):
+    "The finished runs of tools/benchmark.py (`runs/bench/<dataset>/`), of `method` and test `world` (None: all)."
+    import pandas as pd
+    root = Path(root or runs_dir() / "bench")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name != "lr-sweep") if root.is_dir() else []
+    tables = [t for t in (collect_runs(f).assign(bench_world=f.name) for f in folders) if len(t)]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["method", "world", "variant"])
+    if method: table = table[table.method == method]
+    return table[table.world == world] if world else table
+
+# %% ../nbs/30_learner.ipynb #b834fb2f
+@dataclass
+class Claim:
+    "One ablation claim of a paper: `variant` − `reference` has sign `sign` (+1, −1; 0: no effect) on metric `key`."
+    claim: str
+    paper: str  # the paper's numbers or words
+    variant: str
+    reference: str
+    sign: int
+    why: str = ""  # why we cannot test it ("" when we can)
+    key: str = "auc"
+
+def claim_verdict(paired: dict, sign: int) -> str:
+    "The verdict rule above, from one row of `paired_differences`."
+    consistent = paired["sign_agrees"] == paired["seeds"]
+    if sign == 0: return "not reproduced" if consistent and abs(paired["mean"]) > paired["std"] else "reproduced"
+    if np.sign(paired["mean"]) == -sign: return "not reproduced"
+    return ("reproduced" + (" (weak)" if abs(paired["mean"]) < paired["std"] else "")) if consistent else "unclear"
+
+def claims_table(runs: "pd.DataFrame", claims: list[Claim], by: str = "dataset") -> "pd.DataFrame":
+    "Each claim with our paired difference and verdict for every value of `by` in `runs` (rows of `collect_runs`)."
+    import pandas as pd
+    rows = []
+    for c in claims:
+        row = {"claim": c.claim, "paper": c.paper, "metric": c.key,
+               "variant − reference": f"{c.variant} − {c.reference}" if c.variant else ""}
+        for group, part in runs.groupby(by, sort=False):
+            pair = part[part.variant.isin([c.variant, c.reference])]
+            d = pd.DataFrame() if c.why else paired_differences(pair, c.reference, c.key, by=("method",))
+            row[f"ours ({group})"] = d.difference.iloc[0] if len(d) else ""
+            row[f"verdict ({group})"] = claim_verdict(d.iloc[0], c.sign) if len(d) else c.why or "not run"
+        if runs.empty: row["verdict"] = c.why or "not run"
+        rows.append(row)
     return pd.DataFrame(rows)
 
 # %% ../nbs/30_learner.ipynb #cd7ee0a5

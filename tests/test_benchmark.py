@@ -56,3 +56,11 @@ def test_a_small_benchmark_runs_end_to_end(toy, tiny_config, tmp_path, capsys):
     assert again.value.code == 0 and "7 of 7 runs already finished" in capsys.readouterr().out
     tool.pack(tmp_path / "packed")
     assert {p.name for p in (tmp_path / "packed").iterdir()} == {"lr-sweep.tgz", f"{toy.name}.tgz"}
+
+def test_write_budget_replaces_or_adds_each_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: csp\nepochs: 10                          # old\nlr: 0.001 # x\n")
+    _tool().write_budget(recipe, {"epochs": 20, "patience": 3})
+    values = yaml.safe_load(recipe.read_text())
+    assert values == {"method": "csp", "epochs": 20, "patience": 3, "lr": 0.001}
+    assert recipe.read_text().count("configs/benchmark.yaml") == 2

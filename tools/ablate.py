@@ -19,8 +19,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import torch
 import czsl_nb.all  # noqa: F401  (registers every method)
 from czsl_nb.core import runs_dir
-from czsl_nb.learner import (RUN_FILES, TrainConfig, _papermill_value, collect_runs, launch, paired_differences,
-                             split_parameters, summarize_runs)
+from czsl_nb.learner import (RUN_FILES, TrainConfig, _papermill_value, ablation_table, collect_runs, launch,
+                             paired_differences, split_parameters)
 
 def parse_assignments(text: str, what: str) -> dict:
     "`k=v,k=v` -> {k: parsed v}; an entry without `=` is an error naming `what`."
@@ -58,19 +58,13 @@ def reference_variant(variants: list[str], asked: str | None) -> str | None:
 def print_table(method: str, variants: list[str], reference: str | None = None) -> None:
     table = grid_runs(method, variants)
     if table.empty: print("no finished runs"); return
-    summary = summarize_runs(table)
-    if variants: summary = summary.sort_values("variant", key=lambda s: s.map(variants.index), kind="stable")
     reference = reference_variant(variants or sorted(table.variant.unique()), reference)
-    paired = {key: paired_differences(table, reference, key) for key in ("auc", "best_hm")} if reference else {}
+    summary = ablation_table(table, reference, by=("method", "world"))
+    if variants: summary = summary.sort_values("variant", key=lambda s: s.map(variants.index), kind="stable")
     for world in summary.world.unique():
-        rows = summary[summary.world == world].drop(columns=["method", "world"])
-        for key, diffs in paired.items():
-            if diffs.empty: continue
-            diffs = diffs.set_index(["world", "variant"]).difference
-            rows[f"{key} - {reference} (paired)"] = [diffs.get((world, v), "") for v in rows.variant]
         print(f"\n{method}, test split, {world} world (%, mean ± std over seeds; paired: mean ± std of the "
               f"difference on the same seed, seeds where its sign agrees)\n")
-        print(markdown_table(rows))
+        print(markdown_table(summary[summary.world == world].drop(columns=["method", "world"])))
 
 def unsettled(method: str, variants: list[str], reference: str) -> bool:
     "Whether some variant's paired AUC difference to `reference` does not have the same sign in every seed."

@@ -5,7 +5,9 @@ world with paired seeds and the same budget, several runs at a time.
     python tools/benchmark.py run [--jobs 2] [--threads 1] [--set device=cuda] [--worlds W ...] [--methods M ...]
                                   [--stop-after SECONDS]
     python tools/benchmark.py table                                      # main and ablation tables of the finished runs
-    python tools/benchmark.py write-lrs                                  # the chosen lrs into the methods' recipes
+    python tools/benchmark.py readme                                     # the README's results tables
+    python tools/benchmark.py bootstrap                                  # seed 0's test-image bootstrap per method
+    python tools/benchmark.py write-recipes                              # the sweep's lrs and the budget into recipes
     python tools/benchmark.py pack OUT_DIR                               # the runs' small files as tarballs
 
 A run is `runs/bench/<world>/<method>-<variant>-s<seed>` (the sweep's: `runs/bench/lr-sweep/<method>-lr<lr>-s0`),
@@ -14,7 +16,7 @@ Finished runs are skipped and killed ones resumed, so re-running `run` completes
 runs it needs: its method's sweep (for the lr) and the run its `init_from` names. `--set` adds machine settings to
 every run (device, precision, num_workers); they are recorded in each params.yaml like any value.
 """
-import argparse, json, os, sys, tarfile, time, traceback
+import argparse, json, os, re, sys, tarfile, time, traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -204,6 +206,47 @@ def main_table(spec: dict, world: str):
     summary = summary.join(fit.round(1), on="method")
     return summary.set_index("method").loc[[m for m in spec["methods"] if m in set(summary.method)]].reset_index()
 
+def readme_table(spec: dict, world: str) -> str:
+    """The README's results table of one world: each method's `full` runs, mean ± std over seeds (closed world, the
+    standard AUC and best HM, then our exact-curve AUC; open world calibrated where the recipe runs it), the epochs
+    it trained (mean; the budget is the same for all) and its training time, and the lr the sweep chose."""
+    from czsl_nb.learner import collect_runs
+    table = collect_runs(REPO / BENCH / Path(world).name)
+    table = table[table.variant == "full"]
+    ms = lambda x: f"{x.mean():.2f} ± {x.std(ddof=1) if len(x) > 1 else 0:.2f}"
+    lines = ["| method | closed AUC | seed 0: 95% bootstrap | closed best HM | closed AUC, exact curve (ours) | "
+             "open AUC | seeds | epochs trained | training s | lr |", "|" + " --- |" * 10]
+    for method in spec["methods"]:
+        closed, open_ = (table[(table.method == method) & (table.world == w)] for w in ("closed", "open"))
+        if closed.empty: continue
+        epochs = f"{closed.epochs_trained.mean():.1f}" if trains(spec, method) else "none"
+        seconds = f"{closed.train_seconds.mean():.0f}" if trains(spec, method) else "0"
+        lr = f"{closed.lr.iloc[0]:g}" if trains(spec, method) else "none"
+        lines.append(f"| `{method}` | {ms(closed.auc)} | {seed0_interval(world, method)} | {ms(closed.best_hm)} | "
+                     f"{ms(closed.auc_exact)} | {ms(open_.auc) if not open_.empty else 'not run'} | "
+                     f"{closed.seed.nunique()} | {epochs} | {seconds} | {lr} |")
+    return "\n".join(lines)
+
+def full_run(world: str, method: str, seed: int = 0) -> Path:
+    return REPO / BENCH / Path(world).name / f"{method}-full-s{seed}"
+
+def seed0_interval(world: str, method: str) -> str:
+    "The 95% interval of seed 0's closed-world test AUC over resamples of the test images (`bootstrap` writes it)."
+    path = full_run(world, method) / RUN_FILES["bootstrap"]
+    if not path.is_file(): return "not computed"
+    auc = next(row for row in json.loads(path.read_text()) if row["metric"] == "auc")
+    return f"[{auc['low']:.2f}, {auc['high']:.2f}]"
+
+def bootstrap(spec: dict, worlds: list[str], methods: list[str]) -> None:
+    "Each method's `full` seed-0 run: its test AUC's bootstrap interval into `bootstrap_test.json` (from its scores)."
+    from czsl_nb.learner import bootstrap_test_metrics
+    for world in worlds:
+        for method in methods:
+            run = full_run(world, method)
+            if not (run / RUN_FILES["scores"]).is_file(): print(f"{run}: no test scores"); continue
+            auc = bootstrap_test_metrics(run).set_index("metric").loc["auc"]
+            print(f"{world} {method}: test AUC {auc.value:.2f}, 95% [{auc.low:.2f}, {auc.high:.2f}]")
+
 def print_tables(spec: dict, worlds: list[str], methods: list[str]) -> None:
     for world in worlds:
         print(f"\n## {world}: main table (variant full, closed world, test split, %)\n")
@@ -214,13 +257,24 @@ def print_tables(spec: dict, worlds: list[str], methods: list[str]) -> None:
             if len(variants_of(spec, method)) > 1:
                 print(f"\n### {world}: {method}"); print_table(method, list(variants_of(spec, method)), "full")
 
-def write_lrs(spec: dict, methods: list[str]) -> None:
+def write_recipes(spec: dict, methods: list[str]) -> None:
+    "Into each trainable method's recipes: the sweep's lr and the budget, so a recipe is what its `full` runs ran."
     for method in filter(lambda m: trains(spec, m), methods):
         table = REPO / BENCH / LR_FOLDER / f"lr-sweep-{method}-{Path(spec['lr_world']).name}.json"
         result = json.loads(table.read_text())
         for recipe in sorted({method_recipe(method, v) for v in variants_of(spec, method).values()}):
             write_lr(REPO / recipe, result, table_folder=str(BENCH / LR_FOLDER))
-            print(f"{recipe}: lr {result['chosen_lr']:g}")
+            write_budget(REPO / recipe, spec["budget"])
+            print(f"{recipe}: lr {result['chosen_lr']:g}, {spec['budget']}")
+
+def write_budget(recipe: Path, budget: dict) -> None:
+    "Each budget value as the recipe's `name:` line (replaced, or added after the `epochs:` line)."
+    text = recipe.read_text()
+    for name, value in budget.items():
+        line = f"{name}: {value}".ljust(36) + "# configs/benchmark.yaml: the budget of every method"
+        text, n = re.subn(rf"^{name}:.*$", line, text, count=1, flags=re.M)
+        if not n: text = re.sub(r"^(epochs:.*)$", lambda m: f"{m.group(1)}\n{line}", text, count=1, flags=re.M)
+    recipe.write_text(text)
 
 def pack(out: Path) -> None:
     "Each folder of runs/bench as `<folder>.tgz` in `out`: json, yaml and the `full` runs' plots; no checkpoints."
@@ -235,7 +289,7 @@ def main(argv=None) -> None:
     global BENCH
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["plan", "run", "table", "write-lrs", "pack"])
+    ap.add_argument("command", choices=["plan", "run", "table", "readme", "bootstrap", "write-recipes", "pack"])
     ap.add_argument("out", nargs="?", type=Path, help="pack: the folder the tarballs go to")
     ap.add_argument("--spec", type=Path, default=REPO / "configs" / "benchmark.yaml")
     ap.add_argument("--root", type=Path, default=BENCH, help="where the runs go (relative: to the repository)")
@@ -255,7 +309,11 @@ def main(argv=None) -> None:
     machine = {k: v for s in args.set for k, v in parse_assignments(s, "--set").items()}
     if set(machine) & set(RUN_KEYS): raise SystemExit(f"--set: {', '.join(RUN_KEYS)} are set per run")
     if args.command == "table": print_tables(spec, worlds, methods); return
-    if args.command == "write-lrs": write_lrs(spec, methods); return
+    if args.command == "readme":
+        for world in worlds: print(f"**{world}**\n\n{readme_table(spec, world)}\n")
+        return
+    if args.command == "bootstrap": bootstrap(spec, worlds, methods); return
+    if args.command == "write-recipes": write_recipes(spec, methods); return
     if args.command == "pack":
         if not args.out: raise SystemExit("pack needs OUT_DIR")
         pack(args.out); return
