@@ -897,7 +897,8 @@ def benchmark_runs(method: str | None = None, world: str | None = "closed", root
     root = Path(root or runs_dir() / "bench")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name != "lr-sweep") if root.is_dir() else []
     tables = [t for t in (collect_runs(f).assign(bench_world=f.name) for f in folders) if len(t)]
-    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["method", "world", "variant"])
+    empty = pd.DataFrame(columns=["run", "method", "variant", "dataset", "seed", "world", *RESULT_KEYS, "bench_world"])
+    table = pd.concat(tables, ignore_index=True) if tables else empty
     if method: table = table[table.method == method]
     return table[table.world == world] if world else table
 

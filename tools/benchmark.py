@@ -263,7 +263,7 @@ def write_recipes(spec: dict, methods: list[str]) -> None:
         table = REPO / BENCH / LR_FOLDER / f"lr-sweep-{method}-{Path(spec['lr_world']).name}.json"
         result = json.loads(table.read_text())
         for recipe in sorted({method_recipe(method, v) for v in variants_of(spec, method).values()}):
-            write_lr(REPO / recipe, result, table_folder=str(BENCH / LR_FOLDER))
+            write_lr(REPO / recipe, result, table_folder=str(BENCH / LR_FOLDER), by="tools/benchmark.py's sweep")
             write_budget(REPO / recipe, spec["budget"])
             print(f"{recipe}: lr {result['chosen_lr']:g}, {spec['budget']}")
 

@@ -43,11 +43,11 @@ def record_sweep(method: str, dataset: str, rows: list[dict], folder: Path) -> d
     (Path(folder) / f"lr-sweep-{method}-{dataset}.json").write_text(json.dumps(result, indent=1))
     return result
 
-def write_lr(recipe: Path, result: dict, table_folder: str = "runs") -> None:
+def write_lr(recipe: Path, result: dict, table_folder: str = "runs", by: str = "tools/lr_sweep.py") -> None:
     "Replace the recipe's `lr:` line (one must exist) with the chosen lr and where it came from."
     text = recipe.read_text()
     grid = ", ".join(f"{lr:g}" for lr in result["lrs"])
-    line = (f"lr: {result['chosen_lr']:g}".ljust(36) + f"# tools/lr_sweep.py: best validation AUC over {grid} "
+    line = (f"lr: {result['chosen_lr']:g}".ljust(36) + f"# {by}: best validation AUC over {grid} "
             f"({table_folder}/lr-sweep-{result['method']}-{result['dataset']}.json)")
     new, n = re.subn(r"^lr:.*$", line, text, count=1, flags=re.M)
     if n != 1: raise SystemExit(f"{recipe}: no `lr:` line to replace")
