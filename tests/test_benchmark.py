@@ -64,3 +64,17 @@ def test_write_budget_replaces_or_adds_each_line(tmp_path):
     values = yaml.safe_load(recipe.read_text())
     assert values == {"method": "csp", "epochs": 20, "patience": 3, "lr": 0.001}
     assert recipe.read_text().count("configs/benchmark.yaml") == 2
+
+def test_settle_adds_the_main_seeds_where_a_paired_sign_is_unsettled(tmp_path):
+    tool = _tool()
+    keys = ("auc", "best_hm", "best_seen", "best_unseen", "attr_acc", "obj_acc")
+    def run(variant, seed, auc):  # a finished run's metrics.json, as much of it as collect_runs reads
+        folder = tmp_path / "w" / f"csp-{variant}-s{seed}"
+        folder.mkdir(parents=True)
+        metrics = {"method": "csp", "dataset": "w", "seed": seed, "epoch": 1, "val": {"auc": auc},
+                   "test": {"closed": dict.fromkeys(keys, auc)}}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    for seed, (full, steady, wobbly) in enumerate([(0.5, 0.4, 0.6), (0.5, 0.4, 0.4), (0.5, 0.4, 0.6)]):
+        run("full", seed, full); run("steady", seed, steady); run("wobbly", seed, wobbly)
+    assert tool.unsettled_variants(tmp_path / "w", "csp") == {"wobbly"}
+    assert tool.unsettled_variants(tmp_path / "nothing", "csp") == set()

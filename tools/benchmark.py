@@ -3,7 +3,7 @@ world with paired seeds and the same budget, several runs at a time.
 
     python tools/benchmark.py plan [--spec configs/benchmark.yaml]     # every run as a czsl-train command; runs nothing
     python tools/benchmark.py run [--jobs 2] [--threads 1] [--set device=cuda] [--worlds W ...] [--methods M ...]
-                                  [--stop-after SECONDS]
+                                  [--part all|main|ablations|settle] [--stop-after SECONDS]
     python tools/benchmark.py table                                      # main and ablation tables of the finished runs
     python tools/benchmark.py readme                                     # the README's results tables
     python tools/benchmark.py bootstrap                                  # seed 0's test-image bootstrap per method
@@ -78,10 +78,18 @@ def sweep_jobs(spec: dict, machine: dict, methods: list[str]) -> list[Job]:
             jobs.append(Job(root, values, recipe=recipe))
     return jobs
 
-def variant_jobs(spec: dict, machine: dict, world: str, methods: list[str]) -> list[tuple[bool, Job]]:
+def unsettled_variants(root: Path, method: str) -> set[str]:
+    "The variants whose paired AUC difference to `full` does not yet have one sign in every seed."
+    from czsl_nb.learner import collect_runs, paired_differences
+    runs = collect_runs(root) if root.is_dir() else None
+    if runs is None or runs.empty: return set()
+    paired = paired_differences(runs[(runs.method == method) & (runs.world == "closed")], "full", "auc")
+    return set(paired[paired.sign_agrees < paired.seeds].variant) if len(paired) else set()
+
+def variant_jobs(spec: dict, machine: dict, world: str, methods: list[str], settle: bool = False):
     """Every variant x seed run of one world, each with whether it belongs to the main table: the `full` variant
     and the runs it starts from (SAM's stage I) run the main seeds and come first; the other variants the ablation
-    seeds."""
+    seeds, or with `settle` the main seeds where their paired sign is not settled yet."""
     root, jobs = REPO / BENCH / Path(world).name, []
     for method in methods:
         sweep = [root.parent / LR_FOLDER / f"{method}-lr{lr:g}-s0" for lr in spec["lr_grid"]] if trains(
@@ -89,9 +97,10 @@ def variant_jobs(spec: dict, machine: dict, world: str, methods: list[str]) -> l
         budget = spec["budget"] if trains(spec, method) else {}
         variants = variants_of(spec, method)
         full_start = str(run_values(method_recipe(method, variants["full"]), variants["full"]).get("init_from", ""))
+        more_seeds = unsettled_variants(root, method) if settle else set()
         for name, variant in variants.items():
             main = name == "full" or full_start == f"{method}-{name}-s{{seed}}"
-            for seed in spec["main_seeds" if main else "ablation_seeds"]:
+            for seed in spec["main_seeds" if main or name in more_seeds else "ablation_seeds"]:
                 recipe = method_recipe(method, variant)
                 values = run_values(recipe, {"dataset": world}, budget, variant, machine,
                                     {"seed": seed, "run": f"{method}-{name}-s{seed}"})
@@ -102,9 +111,9 @@ def variant_jobs(spec: dict, machine: dict, world: str, methods: list[str]) -> l
 
 def plan_jobs(spec: dict, machine: dict, worlds: list[str], methods: list[str], part: str = "all") -> list[Job]:
     "Every job in priority order: the sweeps, each world's main table, then each world's ablations (`part`: one)."
-    per_world = [variant_jobs(spec, machine, world, methods) for world in worlds]
+    per_world = [variant_jobs(spec, machine, world, methods, settle=part == "settle") for world in worlds]
     jobs = sweep_jobs(spec, machine, methods)
-    for main in {"all": (True, False), "main": (True,), "ablations": (False,)}[part]:
+    for main in {"all": (True, False), "main": (True,), "ablations": (False,), "settle": (False,)}[part]:
         jobs += [job for world in per_world for is_main, job in world if is_main == main]
     return prioritised(jobs)
 
@@ -210,19 +219,22 @@ def readme_table(spec: dict, world: str) -> str:
     """The README's results table of one world: each method's `full` runs, mean ± std over seeds (closed world, the
     standard AUC and best HM, then our exact-curve AUC; open world calibrated where the recipe runs it), the epochs
     it trained (mean; the budget is the same for all) and its training time, and the lr the sweep chose."""
-    from czsl_nb.learner import collect_runs
+    from czsl_nb.learner import collect_runs, paired_differences
     table = collect_runs(REPO / BENCH / Path(world).name)
     table = table[table.variant == "full"]
     ms = lambda x: f"{x.mean():.2f} ± {x.std(ddof=1) if len(x) > 1 else 0:.2f}"
-    lines = ["| method | closed AUC | seed 0: 95% bootstrap | closed best HM | closed AUC, exact curve (ours) | "
-             "open AUC | seeds | epochs trained | training s | lr |", "|" + " --- |" * 10]
+    methods = table[table.world == "closed"].assign(variant=lambda t: t.method, method="all")  # methods paired by seed
+    versus = paired_differences(methods, "csp", "auc", by=("method",)).set_index("variant").difference
+    lines = ["| method | closed AUC | − csp, paired | seed 0: 95% bootstrap | closed best HM | closed AUC, exact curve "
+             "(ours) | open AUC | seeds | epochs trained | training s | lr |", "|" + " --- |" * 11]
     for method in spec["methods"]:
         closed, open_ = (table[(table.method == method) & (table.world == w)] for w in ("closed", "open"))
         if closed.empty: continue
         epochs = f"{closed.epochs_trained.mean():.1f}" if trains(spec, method) else "none"
         seconds = f"{closed.train_seconds.mean():.0f}" if trains(spec, method) else "0"
         lr = f"{closed.lr.iloc[0]:g}" if trains(spec, method) else "none"
-        lines.append(f"| `{method}` | {ms(closed.auc)} | {seed0_interval(world, method)} | {ms(closed.best_hm)} | "
+        lines.append(f"| `{method}` | {ms(closed.auc)} | {versus.get(method, '')} | {seed0_interval(world, method)} | "
+                     f"{ms(closed.best_hm)} | "
                      f"{ms(closed.auc_exact)} | {ms(open_.auc) if not open_.empty else 'not run'} | "
                      f"{closed.seed.nunique()} | {epochs} | {seconds} | {lr} |")
     return "\n".join(lines)
@@ -295,8 +307,9 @@ def main(argv=None) -> None:
     ap.add_argument("--root", type=Path, default=BENCH, help="where the runs go (relative: to the repository)")
     ap.add_argument("--worlds", nargs="+", help="a subset of the spec's worlds")
     ap.add_argument("--methods", nargs="+", help="a subset of the spec's methods (in this order)")
-    ap.add_argument("--part", choices=["all", "main", "ablations"], default="all",
-                    help="main: the main table's runs; ablations: the other variants (the sweeps come with either)")
+    ap.add_argument("--part", choices=["all", "main", "ablations", "settle"], default="all",
+                    help="main: the main table's runs; ablations: the other variants (the sweeps come with either); "
+                         "settle: the ablations, with the main seeds for each variant whose paired sign is unsettled")
     ap.add_argument("--set", action="append", default=[], help="param=value for every run (device, precision, ...)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (processes)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default)")
