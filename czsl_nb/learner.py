@@ -884,7 +884,7 @@ def ablation_table(runs: "pd.DataFrame", reference: str = "full", keys=("auc", "
                    by=("method", "dataset", "world")) -> "pd.DataFrame":
     "`summarize_runs` per variant, with the paired AUC and best-HM differences to `reference` (same seeds) beside it."
     summary = summarize_runs(runs, keys=keys, by=(*by, "variant"))
-    for key in ("auc", "best_hm"):
+    for key in [k for k in ("auc", "best_hm") if k in keys]:
         column, paired = f"{key} − {reference} (paired)", paired_differences(runs, reference, key, by=by)
         if len(paired): summary = summary.merge(paired[[*by, "variant", "difference"]].rename(
             columns={"difference": column}), on=[*by, "variant"], how="left")
@@ -916,10 +916,10 @@ class Claim:
 
 def claim_verdict(paired: dict, sign: int) -> str:
     "The verdict rule above, from one row of `paired_differences`."
-    consistent = paired["sign_agrees"] == paired["seeds"]
-    if sign == 0: return "not reproduced" if consistent and abs(paired["mean"]) > paired["std"] else "reproduced"
-    if np.sign(paired["mean"]) == -sign: return "not reproduced"
-    return ("reproduced" + (" (weak)" if abs(paired["mean"]) < paired["std"] else "")) if consistent else "unclear"
+    consistent, weak = paired["sign_agrees"] == paired["seeds"], abs(paired["mean"]) < paired["std"]
+    if sign == 0: return "not reproduced" if consistent and not weak else "reproduced"
+    if not consistent: return "unclear"
+    return ("reproduced" if np.sign(paired["mean"]) == sign else "not reproduced") + (" (weak)" if weak else "")
 
 def claims_table(runs: "pd.DataFrame", claims: list[Claim], by: str = "dataset") -> "pd.DataFrame":
     "Each claim with our paired difference and verdict for every value of `by` in `runs` (rows of `collect_runs`)."
