@@ -1,5 +1,5 @@
 "tools/benchmark.py: the plan's order and prerequisites, and a small benchmark (sweep, main, ablation) on toy data."
-import importlib.util, json, sys
+import importlib.util, json, os, sys
 import pytest, yaml
 from conftest import REPO
 
@@ -39,6 +39,7 @@ def test_a_small_benchmark_runs_end_to_end(toy, tiny_config, tmp_path, capsys):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     args = ["--spec", str(tmp_path / "spec.yaml"), "--root", str(tmp_path / "bench"), "--jobs", "1",
             "--set", f"backbone={tiny_config}", "--set", "batch_size=4", "--set", "open_world=False"]
+    runs_before = os.environ.get("CZSL_NB_RUNS")
     with pytest.raises(SystemExit) as done: tool.main(["run", *args])
     assert done.value.code == 0
     chosen = json.loads((tmp_path / "bench" / "lr-sweep" / f"lr-sweep-csp-{toy.name}.json").read_text())["chosen_lr"]
@@ -54,6 +55,7 @@ def test_a_small_benchmark_runs_end_to_end(toy, tiny_config, tmp_path, capsys):
     assert "| csp |" in out and "no_dropout" in out and "/1" in out  # the paired column has its sign count
     with pytest.raises(SystemExit) as again: tool.main(["run", *args])  # everything finished: nothing trains
     assert again.value.code == 0 and "7 of 7 runs already finished" in capsys.readouterr().out
+    assert os.environ.get("CZSL_NB_RUNS") == runs_before  # the runs' folder is set in the workers only
     tool.pack(tmp_path / "packed")
     assert {p.name for p in (tmp_path / "packed").iterdir()} == {"lr-sweep.tgz", f"{toy.name}.tgz"}
 

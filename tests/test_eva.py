@@ -272,34 +272,23 @@ def test_text_tower_sees_at_most_pair_chunk_size_prompts_and_chunks_change_nothi
     for n in grads_1: torch.testing.assert_close(grads_1[n], grads_all[n], atol=1e-5, rtol=1e-4)
 
 # -- the ablation commands the notebook gives ---------------------------------------------------------
-def _notebook_commands():
-    import json, re, shlex
+def test_the_benchmark_runs_every_variant_the_notebook_tables():
+    "Each variant 23_eva's ablation tables name is one of the benchmark's EVA variants, and every one validates."
+    import json, re
     from pathlib import Path
-    nb = json.loads((Path(__file__).resolve().parents[1] / "nbs" / "23_eva.ipynb").read_text())
-    text = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
-    text = re.sub(r"\\\n\s*", " ", text)  # shell line continuations
-    lines = [line.strip() for line in text.splitlines()]
-    return [shlex.split(line) for line in lines if line.startswith("python tools/ablate.py --method eva")]
-
-def test_the_notebooks_ablation_commands_name_valid_variants():
-    "Every --variant of every ablate command in 23_eva parses and validates (names, values, constraints), unrun."
-    import importlib.util
-    from pathlib import Path
-    from czsl_nb.learner import TrainConfig, split_parameters
-    spec = importlib.util.spec_from_file_location("ablate", Path(__file__).resolve().parents[1] / "tools" / "ablate.py")
-    ablate = importlib.util.module_from_spec(spec); spec.loader.exec_module(ablate)
-    commands = _notebook_commands()
-    assert len(commands) >= 2, "the build-up and the auxiliary-loss tables each give their command"
-    names = set()
-    for argv in commands:
-        common = {}
-        for i, a in enumerate(argv):
-            if a == "--set": common.update(ablate.parse_assignments(argv[i + 1], "--set"))
-        variants = [ablate.parse_variant(argv[i + 1]) for i, a in enumerate(argv) if a == "--variant"]
-        assert variants
-        for name, params in variants:
-            run_values, method_params = split_parameters({**common, **params, "method": "eva"}, "eva")
-            TrainConfig(**{**run_values, "run": f"eva-{name}-s0"}).validate(method_params, probe_method=False)
-            names.add(name)
-    assert {"baseline", "experts_only", "variants_only", "full", "experts_t2i", "experts_t2i_cross", "isolation",
-            "balance", "ps_probability"} <= names
+    import yaml
+    from czsl_nb.learner import read_parameter_file, resolve_parameters
+    repo = Path(__file__).resolve().parents[1]
+    variants = yaml.safe_load((repo / "configs" / "benchmark.yaml").read_text())["methods"]["eva"]["variants"]
+    for name, switches in {"full": {}, **variants}.items():
+        recipe = read_parameter_file(repo / "configs" / "eva" / "synthetic.yaml")
+        cfg, method_params = resolve_parameters({**recipe, **switches})
+        cfg.validate(method_params, probe_method=False)
+    nb = json.loads((repo / "nbs" / "23_eva.ipynb").read_text())
+    text = next("".join(c["source"]) for c in nb["cells"] if "".join(c["source"]).startswith("## Ablations"))
+    build_up = re.findall(r"^\| [^|]+\| [^|]+\| `(\w+)` \|", text, flags=re.M)  # its third column: the variant
+    auxiliary = re.findall(r"^\| `(\w+)`(?:, `(\w+)`)? \|", text, flags=re.M)  # its first column
+    tabled = set(build_up) | {name for row in auxiliary for name in row if name}
+    assert {"baseline", "experts_only", "variants_only", "experts_t2i", "experts_t2i_cross", "isolation", "balance",
+            "ps_probability"} <= tabled
+    assert tabled <= {"full", *variants}, tabled - {"full", *variants}

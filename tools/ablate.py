@@ -44,9 +44,9 @@ def markdown_table(df) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
-def grid_runs(method: str, variants: list[str]):
-    "The finished runs of this method's grid (runs named <method>-<variant>-s<seed>), one row per test world."
-    table = collect_runs()
+def grid_runs(method: str, variants: list[str], root=None):
+    "The finished runs of this method's grid (runs named <method>-<variant>-s<seed>) in `root` (default runs/)."
+    table = collect_runs(root)
     if table.empty: return table
     table = table[(table.method == method) & table.run.str.match(rf"^{re.escape(method)}-.+-s\d+$")]
     return table[table.variant.isin(variants)] if variants else table
@@ -55,8 +55,8 @@ def reference_variant(variants: list[str], asked: str | None) -> str | None:
     if asked: return asked
     return "full" if "full" in variants else (variants[0] if variants else None)
 
-def print_table(method: str, variants: list[str], reference: str | None = None) -> None:
-    table = grid_runs(method, variants)
+def print_table(method: str, variants: list[str], reference: str | None = None, root=None) -> None:
+    table = grid_runs(method, variants, root)
     if table.empty: print("no finished runs"); return
     reference = reference_variant(variants or sorted(table.variant.unique()), reference)
     summary = ablation_table(table, reference, by=("method", "world"))

@@ -264,10 +264,10 @@ def print_tables(spec: dict, worlds: list[str], methods: list[str]) -> None:
         print(f"\n## {world}: main table (variant full, closed world, test split, %)\n")
         table = main_table(spec, world)
         print(markdown_table(table) if not table.empty else "no finished runs")
-        os.environ["CZSL_NB_RUNS"] = str(REPO / BENCH / Path(world).name)
         for method in methods:
             if len(variants_of(spec, method)) > 1:
-                print(f"\n### {world}: {method}"); print_table(method, list(variants_of(spec, method)), "full")
+                print(f"\n### {world}: {method}")
+                print_table(method, list(variants_of(spec, method)), "full", REPO / BENCH / Path(world).name)
 
 def write_recipes(spec: dict, methods: list[str]) -> None:
     "Into each trainable method's recipes: the sweep's lr and the budget, so a recipe is what its `full` runs ran."
