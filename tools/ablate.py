@@ -66,10 +66,15 @@ def print_table(method: str, variants: list[str], reference: str | None = None, 
               f"difference on the same seed, seeds where its sign agrees)\n")
         print(markdown_table(summary[summary.world == world].drop(columns=["method", "world"])))
 
+def split_signs(table, reference: str) -> set[str]:
+    "The variants in `table` whose paired AUC difference to `reference` does not have the same sign in every seed."
+    if table.empty: return set()
+    paired = paired_differences(table, reference)
+    return set(paired[paired.sign_agrees < paired.seeds].variant) if not paired.empty else set()
+
 def unsettled(method: str, variants: list[str], reference: str) -> bool:
     "Whether some variant's paired AUC difference to `reference` does not have the same sign in every seed."
-    paired = paired_differences(grid_runs(method, variants), reference)
-    return bool((paired.sign_agrees < paired.seeds).any()) if not paired.empty else False
+    return bool(split_signs(grid_runs(method, variants), reference))
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,

@@ -24,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ablate.py and lr_sweep.py beside this file
-from ablate import markdown_table, parse_assignments, print_table
+from ablate import grid_runs, markdown_table, parse_assignments, print_table, split_signs
 from lr_sweep import record_sweep, sweep_row, write_lr
 from czsl_nb.learner import RUN_FILES, _NoDatesLoader, read_parameter_file
 
@@ -79,12 +79,9 @@ def sweep_jobs(spec: dict, machine: dict, methods: list[str]) -> list[Job]:
     return jobs
 
 def unsettled_variants(root: Path, method: str) -> set[str]:
-    "The variants whose paired AUC difference to `full` does not yet have one sign in every seed."
-    from czsl_nb.learner import collect_runs, paired_differences
-    runs = collect_runs(root) if root.is_dir() else None
-    if runs is None or runs.empty: return set()
-    paired = paired_differences(runs[(runs.method == method) & (runs.world == "closed")], "full", "auc")
-    return set(paired[paired.sign_agrees < paired.seeds].variant) if len(paired) else set()
+    "The variants whose paired closed-world AUC difference to `full` does not yet have one sign in every seed."
+    runs = grid_runs(method, [], root) if root.is_dir() else None
+    return split_signs(runs[runs.world == "closed"], "full") if runs is not None and not runs.empty else set()
 
 def variant_jobs(spec: dict, machine: dict, world: str, methods: list[str], settle: bool = False):
     """Every variant x seed run of one world, each with whether it belongs to the main table: the `full` variant
@@ -174,6 +171,7 @@ def run(spec: dict, jobs: list[Job], workers: int, threads: int, stop_after: flo
     for world in {j.values["dataset"] for j in jobs} & set(WORLD_PRESETS):
         synthetic_world(**WORLD_PRESETS[world])  # once here, not in every worker at the same time
     start, pending, running, failed = time.monotonic(), [j for j in jobs if not j.done], {}, set()
+    lrs = {}  # each method's swept lr, read (and its table written) once its sweep is finished
     total, finished = len(pending), 0
     print(f"{len(jobs) - total} of {len(jobs)} runs already finished; {total} to go, {workers} at a time", flush=True)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
@@ -186,7 +184,9 @@ def run(spec: dict, jobs: list[Job], workers: int, threads: int, stop_after: flo
             late = stop_after and time.monotonic() - start > stop_after
             while ready and len(running) < workers and not late:
                 job = ready.pop(0); pending.remove(job)
-                if job.lr_from: job.values["lr"] = chosen_lr(spec, job.lr_from)
+                if job.lr_from:
+                    if job.lr_from not in lrs: lrs[job.lr_from] = chosen_lr(spec, job.lr_from)
+                    job.values["lr"] = lrs[job.lr_from]
                 running[pool.submit(_run_job, str(job.root), job.values)] = job
             if not running: break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -338,12 +338,12 @@ def main(argv=None) -> None:
     raise SystemExit(1 if run(spec, jobs, args.jobs, args.threads, args.stop_after) else 0)
 
 def validate(jobs: list[Job]) -> None:
-    "Every run's values pass the engine's checks (with a placeholder lr) before the first run starts."
+    "Every run's values pass the engine's checks (a swept lr with the recipe's in its place) before any run starts."
     from czsl_nb.learner import resolve_parameters
     import czsl_nb.all  # noqa: F401
     for job in jobs:
         try:
-            cfg, method_params = resolve_parameters({"lr": 1e-3, **job.values} if job.lr_from else job.values)
+            cfg, method_params = resolve_parameters(job.values)
             cfg.validate(method_params, check_paths=False)
         except ValueError as e: raise SystemExit(f"{job.root.name}/{job.values['run']}: {e}") from None
 
