@@ -30,15 +30,15 @@ if TYPE_CHECKING: import pandas as pd  # only for annotations; pandas loads when
 
 # %% auto #0
 __all__ = ['LR_SCHEDULES', 'DEVICES', 'MIXED_PRECISIONS', 'OPTIMIZERS', 'FEASIBILITY_MODES', 'FEATURE_CACHE_DTYPES', 'RUN_FILES',
-           'FEATURE_CACHE_VERSION', 'RESULT_KEYS', 'EXACT_KEYS', 'FIT_KEYS', 'lr_factor', 'TrainConfig',
-           'probe_method_values', 'git_commit', 'provenance', 'run_params', 'read_run_params', 'check_run_dir',
-           'prepare_run_dir', 'FeatureSplit', 'EpochShuffle', 'FixedShuffle', 'SeededItems', 'PartnerSplit',
-           'resolve_dataset', 'limit_train_images', 'split_labels', 'image_tower_fingerprint', 'FeatureCache',
-           'FeatureCacheWriter', 'Learner', 'FitContext', 'patience_exhausted', 'split_parameters',
+           'FEATURE_CACHE_VERSION', 'RESULT_KEYS', 'EXACT_KEYS', 'FIT_KEYS', 'BENCH_SWEEP_FOLDER', 'lr_factor',
+           'TrainConfig', 'probe_method_values', 'git_commit', 'provenance', 'run_params', 'read_run_params',
+           'check_run_dir', 'prepare_run_dir', 'FeatureSplit', 'EpochShuffle', 'FixedShuffle', 'SeededItems',
+           'PartnerSplit', 'resolve_dataset', 'limit_train_images', 'split_labels', 'image_tower_fingerprint',
+           'FeatureCache', 'FeatureCacheWriter', 'Learner', 'FitContext', 'patience_exhausted', 'split_parameters',
            'resolve_parameters', 'launched_externally', 'launch', 'run_folder', 'load_run', 'run_variant',
-           'collect_runs', 'summarize_runs', 'paired_differences', 'ablation_table', 'benchmark_runs', 'Claim',
-           'claim_verdict', 'claims_table', 'bootstrap_test_metrics', 'method_parameter_fields', 'parameters_cell',
-           'notebook_parameters', 'read_parameter_file', 'cli_parameters', 'train_cli']
+           'collect_runs', 'summarize_runs', 'paired_differences', 'ablation_table', 'main_table', 'benchmark_runs',
+           'Claim', 'claim_verdict', 'claims_table', 'bootstrap_test_metrics', 'method_parameter_fields',
+           'parameters_cell', 'notebook_parameters', 'read_parameter_file', 'cli_parameters', 'train_cli']
 
 # %% ../nbs/30_learner.ipynb #f961d66c
 LR_SCHEDULES: dict[str, Callable[[float, "TrainConfig"], float]] = {
@@ -852,8 +852,8 @@ def summarize_runs(table: "pd.DataFrame", keys=("auc", "best_hm", "attr_acc", "o
     "`mean ± std` over seeds of each metric in `keys`, one row per group in `by`, with the number of seeds."
     import pandas as pd
     groups = table.groupby(list(by), sort=False)
-    mean_std = lambda k: (groups[k].mean().round(2).astype(str) + " ± "
-                          + groups[k].std(ddof=1).fillna(0).round(2).astype(str))
+    two_places = "{:.2f}".format  # fixed width, so a column of `mean ± std` lines up
+    mean_std = lambda k: groups[k].mean().map(two_places) + " ± " + groups[k].std(ddof=1).fillna(0).map(two_places)
     out = pd.DataFrame({k: mean_std(k) for k in keys})
     out["seeds"] = groups.seed.nunique()
     return out.reset_index()
@@ -891,11 +891,25 @@ def ablation_table(runs: "pd.DataFrame", reference: str = "full", keys=("auc", "
         summary[column] = summary[column].fillna("") if column in summary else ""
     return summary
 
+BENCH_SWEEP_FOLDER = "lr-sweep"  # tools/benchmark.py's learning-rate sweep, beside one folder per world
+
+def main_table(runs: "pd.DataFrame", keys=("auc", "best_hm", *EXACT_KEYS, "attr_acc", "obj_acc"),
+               by=("bench_world", "method")) -> "pd.DataFrame":
+    "The `full` runs in `runs`: `summarize_runs` per group in `by`, with the budget each group used beside it."
+    runs = runs[runs.variant == "full"]
+    budget = runs.groupby(list(by), sort=False).agg(
+        epochs_trained=("epochs_trained", "mean"), train_s=("train_seconds", "mean"), lr=("lr", "first"),
+        stopped_early=("stopped_early", lambda s: f"{int(s.fillna(False).astype(bool).sum())}/{len(s)}"))
+    trained = budget.epochs_trained.notna()  # a method that trains nothing (zero-shot CLIP) has no lr or stopping
+    budget = budget.assign(lr=budget.lr.where(trained), stopped_early=budget.stopped_early.where(trained, ""))
+    summary = summarize_runs(runs, keys=[k for k in keys if k in runs], by=by)
+    return summary.merge(budget.round({"epochs_trained": 1, "train_s": 0}).reset_index(), on=list(by))
+
 def benchmark_runs(method: str | None = None, world: str | None = "closed", root: str | Path | None = None):
     "The finished runs of tools/benchmark.py (`runs/bench/<dataset>/`), of `method` and test `world` (None: all)."
     import pandas as pd
     root = Path(root or runs_dir() / "bench")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name != "lr-sweep") if root.is_dir() else []
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name != BENCH_SWEEP_FOLDER) if root.is_dir() else []
     tables = [t for t in (collect_runs(f).assign(bench_world=f.name) for f in folders) if len(t)]
     empty = pd.DataFrame(columns=["run", "method", "variant", "dataset", "seed", "world", *RESULT_KEYS, "bench_world"])
     table = pd.concat(tables, ignore_index=True) if tables else empty

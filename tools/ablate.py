@@ -40,7 +40,7 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 def markdown_table(df) -> str:
     "A DataFrame as a markdown table (ours: pandas' `to_markdown` needs `tabulate`, which is not a dependency)."
     cols = list(df.columns)
-    rows = [[str(v) for v in r] for r in df.itertuples(index=False)]
+    rows = [["" if v != v else str(v) for v in r] for r in df.itertuples(index=False)]  # v != v: NaN, no value
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 

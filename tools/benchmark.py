@@ -26,11 +26,10 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ablate.py and lr_sweep.py beside this file
 from ablate import grid_runs, markdown_table, parse_assignments, print_table, split_signs
 from lr_sweep import record_sweep, sweep_row, write_lr
-from czsl_nb.learner import RUN_FILES, _NoDatesLoader, read_parameter_file
+from czsl_nb.learner import BENCH_SWEEP_FOLDER as LR_FOLDER, RUN_FILES, _NoDatesLoader, read_parameter_file
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path("runs") / "bench"  # relative to the repository root
-LR_FOLDER = "lr-sweep"
 RUN_KEYS = ("seed", "run")  # the per-run values, last
 
 @dataclass
@@ -203,40 +202,39 @@ def run(spec: dict, jobs: list[Job], workers: int, threads: int, stop_after: flo
     if left: print(f"stopped after {stop_after:.0f} s: {left} runs not started")
     return len(failed) + left
 
-def main_table(spec: dict, world: str):
-    "The `full` variant of every method on one world: mean ± std over seeds, epochs trained, training seconds."
-    from czsl_nb.learner import collect_runs, summarize_runs
+def world_runs(world: str, variant: str = "full"):
+    "One world's finished runs of `variant`, every test world (closed, open)."
+    from czsl_nb.learner import collect_runs
     table = collect_runs(REPO / BENCH / Path(world).name)
+    return table[table.variant == variant] if len(table) else table
+
+def main_table(spec: dict, world: str):
+    "The `full` variant of every method on one world, closed world: `learner.main_table`, in the spec's order."
+    from czsl_nb.learner import main_table as summarize_full
+    table = world_runs(world)
     if table.empty: return table
-    table = table[(table.variant == "full") & (table.world == "closed")]
-    keys = [k for k in ("auc", "best_hm", "auc_exact", "best_hm_exact", "attr_acc", "obj_acc") if k in table]
-    summary = summarize_runs(table, keys=keys, by=("method",))
-    fit = table.groupby("method").agg(epochs_trained=("epochs_trained", "mean"), train_s=("train_seconds", "mean"))
-    summary = summary.join(fit.round(1), on="method")
-    return summary.set_index("method").loc[[m for m in spec["methods"] if m in set(summary.method)]].reset_index()
+    summary = summarize_full(table[table.world == "closed"], by=("method",)).set_index("method")
+    return summary.loc[[m for m in spec["methods"] if m in summary.index]].reset_index()
 
 def readme_table(spec: dict, world: str) -> str:
     """The README's results table of one world: each method's `full` runs, mean ± std over seeds (closed world, the
     standard AUC and best HM, then our exact-curve AUC; open world calibrated where the recipe runs it), the epochs
     it trained (mean; the budget is the same for all) and its training time, and the lr the sweep chose."""
-    from czsl_nb.learner import collect_runs, paired_differences
-    table = collect_runs(REPO / BENCH / Path(world).name)
-    table = table[table.variant == "full"]
-    ms = lambda x: f"{x.mean():.2f} ± {x.std(ddof=1) if len(x) > 1 else 0:.2f}"
-    methods = table[table.world == "closed"].assign(variant=lambda t: t.method, method="all")  # methods paired by seed
+    from czsl_nb.learner import main_table as summarize_full, paired_differences
+    table = world_runs(world)
+    closed_runs = table[table.world == "closed"]
+    closed = summarize_full(closed_runs, keys=("auc", "best_hm", "auc_exact"), by=("method",)).set_index("method")
+    open_auc = summarize_full(table[table.world == "open"], keys=("auc",), by=("method",)).set_index("method").auc
+    methods = closed_runs.assign(variant=lambda t: t.method, method="all")  # methods paired by seed
     versus = paired_differences(methods, "csp", "auc", by=("method",)).set_index("variant").difference
     lines = ["| method | closed AUC | − csp, paired | seed 0: 95% bootstrap | closed best HM | closed AUC, exact curve "
              "(ours) | open AUC | seeds | epochs trained | training s | lr |", "|" + " --- |" * 11]
-    for method in spec["methods"]:
-        closed, open_ = (table[(table.method == method) & (table.world == w)] for w in ("closed", "open"))
-        if closed.empty: continue
-        epochs = f"{closed.epochs_trained.mean():.1f}" if trains(spec, method) else "none"
-        seconds = f"{closed.train_seconds.mean():.0f}" if trains(spec, method) else "0"
-        lr = f"{closed.lr.iloc[0]:g}" if trains(spec, method) else "none"
-        lines.append(f"| `{method}` | {ms(closed.auc)} | {versus.get(method, '')} | {seed0_interval(world, method)} | "
-                     f"{ms(closed.best_hm)} | "
-                     f"{ms(closed.auc_exact)} | {ms(open_.auc) if not open_.empty else 'not run'} | "
-                     f"{closed.seed.nunique()} | {epochs} | {seconds} | {lr} |")
+    for method in filter(lambda m: m in closed.index, spec["methods"]):
+        row, trained = closed.loc[method], trains(spec, method)
+        lines.append(f"| `{method}` | {row.auc} | {versus.get(method, '')} | {seed0_interval(world, method)} | "
+                     f"{row.best_hm} | {row.auc_exact} | {open_auc.get(method, 'not run')} | {row.seeds} | "
+                     f"{f'{row.epochs_trained:.1f}' if trained else 'none'} | "
+                     f"{f'{row.train_s:.0f}' if trained else '0'} | {f'{row.lr:g}' if trained else 'none'} |")
     return "\n".join(lines)
 
 def full_run(world: str, method: str, seed: int = 0) -> Path:
