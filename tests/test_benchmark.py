@@ -79,4 +79,24 @@ def test_settle_adds_the_main_seeds_where_a_paired_sign_is_unsettled(tmp_path):
     for seed, (full, steady, wobbly) in enumerate([(0.5, 0.4, 0.6), (0.5, 0.4, 0.4), (0.5, 0.4, 0.6)]):
         run("full", seed, full); run("steady", seed, steady); run("wobbly", seed, wobbly)
     assert tool.unsettled_variants(tmp_path / "w", "csp") == {"wobbly"}
+    # a comparison besides `full` whose sign is split settles both of its sides; `full` is never added
+    assert tool.unsettled_variants(tmp_path / "w", "csp", [("steady", "wobbly")]) == {"steady", "wobbly"}
+    assert tool.unsettled_variants(tmp_path / "w", "csp", [("full", "steady")]) == {"wobbly"}
     assert tool.unsettled_variants(tmp_path / "nothing", "csp") == set()
+
+def test_settle_settles_every_comparison_a_notebook_claims(tmp_path, monkeypatch):
+    "Each Claims row that pairs two variants of a method, neither `full`, is one of the method's `pairs` in the spec."
+    tool = _tool()
+    spec = tool.load_spec(REPO / "configs" / "benchmark.yaml")
+    monkeypatch.setenv("CZSL_NB_RUNS", str(tmp_path))  # no runs: the cells build their claims and tabulate nothing
+    import pandas as pd
+    from czsl_nb.core import runs_dir
+    for method in spec["methods"]:
+        notebook = next((REPO / "nbs").glob(f"2?_{method}.ipynb"))
+        cells = ["".join(c["source"]) for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"]
+        scope = {"pd": pd, "json": json, "runs_dir": runs_dir, "display": lambda table: None}
+        exec(next(c for c in cells if "CLAIMS = [" in c), scope)
+        variants, pairs = set(tool.variants_of(spec, method)) - {"full"}, set(tool.compared_pairs(spec, method))
+        for claim in scope["CLAIMS"]:
+            if {claim.variant, claim.reference} <= variants:
+                assert {(claim.variant, claim.reference), (claim.reference, claim.variant)} & pairs, (method, claim)

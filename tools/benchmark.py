@@ -77,10 +77,18 @@ def sweep_jobs(spec: dict, machine: dict, methods: list[str]) -> list[Job]:
             jobs.append(Job(root, values, recipe=recipe))
     return jobs
 
-def unsettled_variants(root: Path, method: str) -> set[str]:
-    "The variants whose paired closed-world AUC difference to `full` does not yet have one sign in every seed."
+def unsettled_variants(root: Path, method: str, pairs=()) -> set[str]:
+    """The variants whose paired closed-world AUC difference to `full`, or within one of `pairs` ((variant, reference):
+    the method's other comparisons), does not yet have one sign in every seed; both sides of such a pair."""
     runs = grid_runs(method, [], root) if root.is_dir() else None
-    return split_signs(runs[runs.world == "closed"], "full") if runs is not None and not runs.empty else set()
+    if runs is None or runs.empty: return set()
+    closed = runs[runs.world == "closed"]
+    split_pairs = [pair for pair in pairs if pair[0] in split_signs(closed[closed.variant.isin(pair)], pair[1])]
+    return split_signs(closed, "full") | {variant for pair in split_pairs for variant in pair} - {"full"}
+
+def compared_pairs(spec: dict, method: str) -> list[tuple[str, str]]:
+    "The (variant, reference) comparisons of a method besides each variant against `full` (its notebook's Claims)."
+    return [tuple(pair) for pair in (spec["methods"][method] or {}).get("pairs", [])]
 
 def variant_jobs(spec: dict, machine: dict, world: str, methods: list[str], settle: bool = False):
     """Every variant x seed run of one world, each with whether it belongs to the main table: the `full` variant
@@ -93,7 +101,7 @@ def variant_jobs(spec: dict, machine: dict, world: str, methods: list[str], sett
         budget = spec["budget"] if trains(spec, method) else {}
         variants = variants_of(spec, method)
         full_start = str(run_values(method_recipe(method, variants["full"]), variants["full"]).get("init_from", ""))
-        more_seeds = unsettled_variants(root, method) if settle else set()
+        more_seeds = unsettled_variants(root, method, compared_pairs(spec, method)) if settle else set()
         for name, variant in variants.items():
             main = name == "full" or full_start == f"{method}-{name}-s{{seed}}"
             for seed in spec["main_seeds" if main or name in more_seeds else "ablation_seeds"]:
