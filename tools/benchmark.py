@@ -315,8 +315,8 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", nargs="+", help="a subset of the spec's methods (in this order)")
     ap.add_argument("--part", choices=["all", "main", "ablations", "settle"], default="all",
                     help="main: the main table's runs; ablations: the other variants (the sweeps come with either); "
-                         "settle: the ablations, with the main seeds for each variant whose paired sign (to full, or in one "
-                         "of the method's pairs) is unsettled")
+                         "settle: the ablations, with the main seeds for each variant whose paired sign (to full, or "
+                         "in one of the method's pairs) is unsettled")
     ap.add_argument("--set", action="append", default=[], help="param=value for every run (device, precision, ...)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (processes)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default)")
