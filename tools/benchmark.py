@@ -210,11 +210,11 @@ def run(spec: dict, jobs: list[Job], workers: int, threads: int, stop_after: flo
     if left: print(f"stopped after {stop_after:.0f} s: {left} runs not started")
     return len(failed) + left
 
-def world_runs(world: str, variant: str = "full"):
-    "One world's finished runs of `variant`, every test world (closed, open)."
+def world_runs(world: str):
+    "One world's finished `full` runs (each method's main-table runs), every test world (closed, open)."
     from czsl_nb.learner import collect_runs
     table = collect_runs(REPO / BENCH / Path(world).name)
-    return table[table.variant == variant] if len(table) else table
+    return table[table.variant == "full"] if len(table) else table
 
 def main_table(spec: dict, world: str):
     "The `full` variant of every method on one world, closed world: `learner.main_table`, in the spec's order."
